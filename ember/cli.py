@@ -1,0 +1,96 @@
+"""`ember serve | models`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine.errors import EmberError
+from engine.registry import Registry
+from engine.settings import Settings, load_settings
+from engine.sources import is_installed
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    preload = None
+    if args.preload is not None:
+        preload = [p for item in args.preload for p in item.split(",") if p] or ["defaults"]
+    return load_settings(
+        config=getattr(args, "config", None), host=getattr(args, "host", None),
+        port=getattr(args, "port", None), preload=preload,
+        log_level=getattr(args, "log_level", None),
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    app = create_app(settings)
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    print(f"ember serving at http://{shown_host}:{settings.port}/v1 "
+          f"(OpenAI base_url); loading: {', '.join(app.state.engine.preload_ids()) or 'on demand'}",
+          flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    registry = Registry.from_settings(settings)
+    rows = [("ID", "TASK", "INSTALLED", "DEFAULT", "ALIASES")]
+    for entry in registry.entries():
+        rows.append((entry.id, entry.task, "yes" if is_installed(entry) else "no",
+                     "yes" if entry.default else "", ", ".join(entry.aliases)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+              + "  " + row[-1])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Local inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve_p = sub.add_parser("serve", help="start the HTTP server")
+    serve_p.add_argument("--host")
+    serve_p.add_argument("--port", type=int)
+    serve_p.add_argument("--config", type=Path, help="YAML settings file (EMBER_CONFIG)")
+    serve_p.add_argument("--preload", nargs="*", metavar="MODEL",
+                         help="models to load at start (no value: the default models)")
+    serve_p.add_argument("--log-level", dest="log_level")
+    serve_p.set_defaults(func=serve)
+
+    models_p = sub.add_parser("models", help="list the model registry")
+    models_p.add_argument("--config", type=Path)
+    models_p.set_defaults(func=models, preload=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EmberError as exc:
+        print(f"ember: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,18 @@
+"""Prometheus metrics, registered once per process on the default registry."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "ember_requests_total", "HTTP requests by route and status", ["route", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "ember_request_seconds", "HTTP request latency (time to the response head)", ["route"]
+)
+PROMPT_TOKENS = Counter("ember_prompt_tokens_total", "Prompt tokens processed", ["model"])
+GENERATED_TOKENS = Counter("ember_generated_tokens_total", "Tokens generated", ["model"])
+EMBEDDED_INPUTS = Counter("ember_embedded_inputs_total", "Inputs embedded", ["model"])
+QUEUE_DEPTH = Gauge("ember_queue_depth", "Requests queued or running per model", ["model"])
+MODEL_LOADED = Gauge("ember_model_loaded", "1 while the model is loaded", ["model"])
+MODEL_LOAD_SECONDS = Gauge("ember_model_load_seconds", "Duration of the last load", ["model"])

@@ -1,0 +1,170 @@
+"""The in-process engine: the one implementation of each capability, which every dialect's
+routes call. Async at the edge; compute runs on each model's worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from engine import metrics
+from engine.errors import InvalidRequestError
+from engine.manager import ModelManager
+from engine.registry import Registry
+from engine.settings import Settings
+from engine.sources import is_installed
+from engine.types import (
+    Choice,
+    ChoiceFinished,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    TextDelta,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class Engine:
+    def __init__(self, settings: Settings, manager: ModelManager | None = None):
+        self.settings = settings
+        self.registry = manager.registry if manager else Registry.from_settings(settings)
+        self.manager = manager or ModelManager(settings, self.registry)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+
+        self._preloading: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start background work; preloading runs in the background so /health answers
+        while models load, and /ready turns 200 when they are done."""
+        await self.manager.start()
+        self._preloading = asyncio.create_task(self._preload())
+
+    def preload_ids(self) -> list[str]:
+        """The preload setting with `defaults` expanded to the installed default models."""
+        ids: list[str] = []
+        for name in self.settings.preload:
+            if name == "defaults":
+                ids += [e.id for e in self.registry.entries() if e.default and is_installed(e)]
+            else:
+                ids.append(name)
+        return list(dict.fromkeys(ids))
+
+    async def _preload(self) -> None:
+        for name in self.preload_ids():
+            try:
+                await self.manager.load(name)
+            except Exception as exc:  # the others still load and serve
+                log.error("preloading %s failed: %s", name, exc)
+        ready = [s for s in self.manager.status() if s.state == "ready"]
+        log.info("models ready: %s", ", ".join(f"{s.id} ({s.task})" for s in ready) or "none")
+
+    @property
+    def preloaded(self) -> bool:
+        return self._preloading is not None and self._preloading.done()
+
+    async def wait_preloaded(self) -> None:
+        if self._preloading is not None:
+            await asyncio.shield(self._preloading)
+
+    async def stop(self) -> None:
+        if self._preloading is not None and not self._preloading.done():
+            self._preloading.cancel()
+        await self.manager.stop()
+
+    # -- chat and completions ----------------------------------------------------------------
+
+    def _check_generation(self, request: GenerationRequest) -> None:
+        if request.params.n > self.settings.max_n:
+            raise InvalidRequestError(
+                f"n must be at most {self.settings.max_n}; got {request.params.n}", param="n"
+            )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Text deltas and finish events as they are decoded, then one `Usage`.
+
+        Tokenization, limit checks and queue admission happen before the first event, so a
+        caller that awaits the first event gets any 4xx before it commits to a response.
+        Closing the iterator early (client gone) stops decoding at the next step.
+        """
+        self._check_generation(request)
+        async with self.manager.lease(request.model, "chat") as slot:
+            adapter, worker = slot.adapter, slot.runner
+            prepared = await asyncio.to_thread(adapter.prepare, request)
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            cancelled = threading.Event()
+
+            def emit(event: GenerationEvent) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+            future = worker.submit(adapter.generate, prepared, request.params, emit, cancelled)
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _DONE))
+            metrics.QUEUE_DEPTH.labels(slot.entry.id).set(worker.pending)
+            try:
+                if request.echo:
+                    for index in range(request.params.n):
+                        yield TextDelta(index, prepared.text)
+                while (event := await queue.get()) is not _DONE:
+                    yield event
+                usage: Usage = future.result()
+                metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(usage.prompt_tokens)
+                metrics.GENERATED_TOKENS.labels(slot.entry.id).inc(usage.completion_tokens)
+                yield usage
+            finally:
+                cancelled.set()
+                # Hold the lease until the worker has really stopped using the model.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(asyncio.wrap_future(future))
+                metrics.QUEUE_DEPTH.labels(slot.entry.id).set(worker.pending)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        choices = [Choice(index=i) for i in range(request.params.n)]
+        usage = Usage(0, 0)
+        async for event in self.stream(request):
+            if isinstance(event, TextDelta):
+                choices[event.index].text += event.text
+            elif isinstance(event, ChoiceFinished):
+                choices[event.index].finish_reason = event.finish_reason
+            else:
+                usage = event
+        return GenerationResult(model=request.model, choices=choices, usage=usage)
+
+    # -- embeddings --------------------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        count = len(request)
+        if count == 0:
+            raise InvalidRequestError("input must not be empty", param="input")
+        if count > self.settings.max_embedding_inputs:
+            raise InvalidRequestError(
+                f"input has {count} items; at most {self.settings.max_embedding_inputs} are "
+                "allowed per request",
+                param="input",
+            )
+        for index, text in enumerate(request.texts or []):
+            if not text:
+                raise InvalidRequestError(f"input[{index}] is an empty string", param="input")
+        async with self.manager.lease(request.model, "embedding") as slot:
+            adapter = slot.adapter
+            adapter.check_dimensions(request.dimensions)
+
+            def run() -> tuple[Any, int]:
+                tokens = sum(adapter.count_tokens(request))
+                return adapter.embed(request), tokens
+
+            vectors, tokens = await slot.runner.run(run)
+            metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
+            metrics.EMBEDDED_INPUTS.labels(slot.entry.id).inc(count)
+            return EmbeddingResult(model=request.model, vectors=vectors, prompt_tokens=tokens)

@@ -1,0 +1,93 @@
+"""Settings: defaults that serve offline on a laptop CPU, `EMBER_*` env vars, an optional YAML
+file (`EMBER_CONFIG`), and CLI flags on top (highest precedence)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.errors import InvalidRequestError
+
+
+def _default_cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ember"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Field names map to `EMBER_<NAME>` env vars."""
+
+    model_config = SettingsConfigDict(env_prefix="EMBER_", extra="forbid")
+
+    config: Path | None = Field(None, description="YAML file with any of these settings")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    registry_file: Path | None = Field(
+        None, description="model registry YAML; the packaged configs/models.yaml by default"
+    )
+    models: list[dict[str, Any]] = Field(
+        default_factory=list, description="extra registry entries, or overrides by id"
+    )
+    data_dir: Path = Field(default_factory=lambda: _default_cache_root() / "data")
+    models_dir: Path = Field(default_factory=lambda: _default_cache_root() / "models")
+
+    preload: list[str] = Field(
+        default_factory=lambda: ["defaults"],
+        description="model ids loaded at start; `defaults` = every installed default model",
+    )
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch's default")
+
+    idle_ttl_s: float = Field(0, ge=0, description="unload a model idle this long; 0 = never")
+    memory_budget_mb: float = Field(0, ge=0, description="total model memory; 0 = unlimited")
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_queue_per_model: int = Field(64, gt=0)
+    max_embedding_inputs: int = Field(2048, gt=0)
+    max_n: int = Field(8, gt=0, description="largest `n` a chat/completion request may ask for")
+    api_key: str | None = None
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        allowed = {"auto", "float32", "bfloat16", "float16"}
+        if value not in allowed:
+            raise ValueError(f"dtype must be one of {sorted(allowed)}")
+        return value
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from env + optional YAML, with explicit overrides (CLI flags) on top.
+
+    Overrides whose value is None are ignored so that unset CLI flags do not mask env/YAML.
+    """
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    base = Settings(**{k: v for k, v in overrides.items() if k == "config"})
+    file_values: dict[str, Any] = {}
+    if base.config is not None:
+        if not base.config.is_file():
+            raise InvalidRequestError(f"config file {base.config} does not exist", param="config")
+        loaded = yaml.safe_load(base.config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise InvalidRequestError(f"config file {base.config} must hold a mapping")
+        file_values = loaded
+    # env beats YAML: pydantic-settings gives init kwargs precedence, so drop YAML keys that
+    # the environment already sets.
+    env_keys = {key[len("EMBER_"):].lower() for key in os.environ if key.startswith("EMBER_")}
+    merged = {k: v for k, v in file_values.items() if k not in env_keys}
+    merged.update(overrides)
+    return Settings(**merged)

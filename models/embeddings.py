@@ -1,0 +1,101 @@
+"""Text embeddings on sentence-transformers checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from engine.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
+from engine.sources import resolve_source
+from engine.types import EmbeddingRequest
+from models.base import ModelAdapter
+
+
+class SentenceTransformerEmbeddings(ModelAdapter):
+    """Vectors are L2-normalized (as OpenAI's are); `dimensions` truncates and re-normalizes.
+    None of the packaged models is Matryoshka-trained, so short vectors rank less well."""
+
+    model: SentenceTransformer
+
+    def load(self) -> None:
+        path = resolve_source(self.entry)
+        try:
+            self.model = SentenceTransformer(
+                path,
+                device=self.context.device,
+                trust_remote_code=self.entry.trust_remote_code,
+                model_kwargs={"dtype": self.context.dtype},
+                local_files_only=True,
+            )
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        self.model.eval()
+        self.tokenizer: Any = self.model.tokenizer
+        self.dimensions = int(self.model.get_embedding_dimension() or 0)
+        self.max_tokens = int(self.model.max_seq_length)
+
+    def warmup(self) -> None:
+        self.embed(EmbeddingRequest(model=self.entry.id, texts=["warm up"]))
+
+    def count_tokens(self, request: EmbeddingRequest) -> list[int]:
+        """Tokens per input, special tokens included; over the model's limit is a 400 (no
+        silent truncation)."""
+        if request.texts is not None:
+            encoded = self.tokenizer(request.texts, add_special_tokens=True)["input_ids"]
+            counts = [len(ids) for ids in encoded]
+        else:
+            counts = [len(self._with_special_tokens(ids)) for ids in request.token_ids or []]
+        for index, count in enumerate(counts):
+            if count > self.max_tokens:
+                raise ContextLengthExceededError(
+                    f"input[{index}] has {count} tokens; {self.entry.id!r} accepts at most "
+                    f"{self.max_tokens} tokens per input.",
+                    param="input",
+                )
+        return counts
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is not None and not 1 <= dimensions <= self.dimensions:
+            raise InvalidRequestError(
+                f"dimensions must be between 1 and {self.dimensions} for {self.entry.id!r}; "
+                f"got {dimensions}",
+                param="dimensions",
+            )
+
+    def _with_special_tokens(self, ids: list[int]) -> list[int]:
+        return list(self.tokenizer.build_inputs_with_special_tokens(ids))
+
+    @torch.no_grad()
+    def embed(self, request: EmbeddingRequest) -> np.ndarray:
+        if request.texts is not None:
+            vectors = self.model.encode(
+                request.texts, batch_size=self.entry.limits.max_batch_size,
+                convert_to_numpy=True, normalize_embeddings=True,
+            )
+        else:
+            vectors = self._embed_token_ids(request.token_ids or [])
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if request.dimensions is not None and request.dimensions < vectors.shape[1]:
+            vectors = vectors[:, : request.dimensions]
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        return vectors
+
+    def _embed_token_ids(self, batch: list[list[int]]) -> np.ndarray:
+        vocab = self.tokenizer.vocab_size
+        for index, ids in enumerate(batch):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"input[{index}] holds token id {bad[0]}, outside 0..{vocab - 1}", param="input"
+                )
+        features = self.tokenizer.pad(
+            {"input_ids": [self._with_special_tokens(ids) for ids in batch]}, return_tensors="pt"
+        )
+        features = {k: v.to(self.model.device) for k, v in features.items()}
+        output = self.model(features)["sentence_embedding"].float()
+        output = torch.nn.functional.normalize(output, dim=-1)
+        return output.cpu().numpy()

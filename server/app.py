@@ -1,0 +1,124 @@
+"""The app factory: one engine, every dialect's router, error envelopes, limits, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import metrics
+from engine.errors import PayloadTooLargeError
+from engine.service import Engine
+from engine.settings import Settings, load_settings
+from server.errors import envelope_for, install_error_handlers, log
+from server.openai.routes import router as openai_router
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send, int(declared))
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # An HTTPException passes through FastAPI's body parsing to the error handlers.
+                raise StarletteHTTPException(413, self._message(received))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _message(self, size: int) -> str:
+        return (f"The request body is {size} bytes or more; the limit is {self.max_bytes} bytes "
+                "(setting max_body_bytes).")
+
+    async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
+        error = PayloadTooLargeError(self._message(size))
+        log.warning("%s %s → 413: %s", scope["method"], scope["path"], error.message)
+        body = json.dumps(envelope_for(scope["path"])(error)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Counts requests by route template and status; times them to the response head."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                metrics.REQUESTS.labels(route, str(message["status"])).inc()
+                metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or (engine.settings if engine else load_settings())
+    engine = engine or Engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="ember", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.include_router(openai_router, prefix="/v1")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Any:
+        preload = {name: engine.manager.status_of(name).state for name in engine.preload_ids()}
+        ok = engine.preloaded and all(state == "ready" for state in preload.values())
+        return JSONResponse({"status": "ready" if ok else "loading", "models": preload},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        for status in engine.manager.status():
+            metrics.QUEUE_DEPTH.labels(status.id).set(status.queued_requests)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    return app

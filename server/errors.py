@@ -1,0 +1,109 @@
+"""Maps the engine's one error hierarchy (and malformed requests) onto each dialect's error
+envelope, in this one place. Every 4xx is logged with its reason."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import (
+    EmberError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
+
+log = logging.getLogger("ember.http")
+
+Envelope = Callable[[EmberError], dict[str, Any]]
+
+
+def openai_envelope(error: EmberError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+# Path prefix → envelope; later dialects register theirs here. Longest prefix wins.
+ENVELOPES: dict[str, Envelope] = {"/": openai_envelope}
+
+
+def envelope_for(path: str) -> Envelope:
+    prefix = max((p for p in ENVELOPES if path.startswith(p)), key=len)
+    return ENVELOPES[prefix]
+
+
+def error_response(request: Request, error: EmberError) -> JSONResponse:
+    level = logging.ERROR if error.status_code >= 500 else logging.WARNING
+    log.log(level, "%s %s → %d %s: %s", request.method, request.url.path, error.status_code,
+            error.code, error.message)
+    headers = {}
+    if isinstance(error, OverloadedError):
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return JSONResponse(
+        envelope_for(request.url.path)(error), status_code=error.status_code, headers=headers
+    )
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """('body', 'messages', 0, 'role') → 'messages[0].role'."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("The request body is not valid JSON.", code="invalid_json")
+    field = _field_path(tuple(first.get("loc", ())))
+    if first.get("type") == "missing":
+        return InvalidRequestError(f"Missing required parameter: '{field}'.", param=field,
+                                   code="missing_required_parameter")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    got = first.get("input")
+    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    return InvalidRequestError(f"Invalid value for '{field or 'body'}': {message} (got {shown}).",
+                               param=field or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EmberError)
+    async def _ember(request: Request, exc: EmberError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: EmberError
+        if exc.status_code == 404:
+            error = NotFoundError(f"No route {request.method} {request.url.path}")
+        elif exc.status_code == 413:
+            error = PayloadTooLargeError(str(exc.detail))
+        else:
+            error = EmberError(str(exc.detail))
+            error.status_code = exc.status_code
+            error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+            error.code = None
+        return error_response(request, error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, EmberError(f"Internal error: {type(exc).__name__}"))

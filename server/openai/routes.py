@@ -1,0 +1,151 @@
+"""OpenAI `/v1/*` routes: parse, call the engine, serialize. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from engine.manager import ModelStatus
+from engine.service import Engine
+from engine.types import ChoiceFinished, GenerationEvent, TextDelta, Usage
+from server.deps import EngineDep, require_api_key
+from server.errors import openai_envelope
+from server.openai import translate
+from server.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequestIn,
+    LoadRequest,
+    WireModel,
+)
+from server.streaming import prime, sse_response
+
+log = logging.getLogger("ember.http")
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def _note_unknown(body: WireModel, request: Request) -> None:
+    if unknown := body.unknown_fields():
+        log.debug("%s: ignoring unknown fields %s", request.url.path, unknown)
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, engine: EngineDep
+) -> Any:
+    _note_unknown(body, request)
+    gen = translate.chat_request(body)
+    if not body.stream:
+        result = await engine.generate(gen)
+        return translate.chat_response(body.model, gen.request_id, result)
+    events = await prime(engine.stream(gen))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    frames = _chat_frames(body.model, gen.request_id, body.n, include_usage, events)
+    return sse_response(frames, openai_envelope)
+
+
+async def _chat_frames(
+    name: str, request_id: str, n: int, include_usage: bool,
+    events: AsyncIterator[GenerationEvent],
+) -> AsyncIterator[dict[str, Any]]:
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": name}
+    extra = {"usage": None} if include_usage else {}
+
+    def frame(index: int, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**head, "choices": [choice], **extra}
+
+    for index in range(n):
+        yield frame(index, {"role": "assistant", "content": ""})
+    async for event in events:
+        if isinstance(event, TextDelta):
+            yield frame(event.index, {"content": event.text})
+        elif isinstance(event, ChoiceFinished):
+            yield frame(event.index, {}, event.finish_reason)
+        elif include_usage:
+            yield {**head, "choices": [], "usage": translate.usage_json(event)}
+
+
+@router.post("/completions")
+async def completions(
+    body: CompletionRequest, request: Request, engine: EngineDep
+) -> Any:
+    _note_unknown(body, request)
+    gens = translate.completion_requests(body)
+    request_id = gens[0].request_id
+    if not body.stream:
+        results = [await engine.generate(gen) for gen in gens]
+        return translate.completion_response(body.model, request_id, results)
+    first = await prime(engine.stream(gens[0]))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    frames = _completion_frames(body, request_id, include_usage, first, engine, gens[1:])
+    return sse_response(frames, openai_envelope)
+
+
+async def _completion_frames(
+    body: CompletionRequest, request_id: str, include_usage: bool,
+    first: AsyncIterator[GenerationEvent], engine: Engine, rest: list[Any],
+) -> AsyncIterator[dict[str, Any]]:
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": body.model}
+    extra = {"usage": None} if include_usage else {}
+    total = Usage(0, 0)
+    streams = [first, *(engine.stream(gen) for gen in rest)]
+    for prompt_index, events in enumerate(streams):
+        offset = prompt_index * body.n
+        async for event in events:
+            if isinstance(event, Usage):
+                total = Usage(total.prompt_tokens + event.prompt_tokens,
+                              total.completion_tokens + event.completion_tokens)
+                continue
+            text = event.text if isinstance(event, TextDelta) else ""
+            finish = event.finish_reason if isinstance(event, ChoiceFinished) else None
+            choice = {"index": offset + event.index, "text": text, "logprobs": None,
+                      "finish_reason": finish}
+            yield {**head, "choices": [choice], **extra}
+    if include_usage:
+        yield {**head, "choices": [], "usage": translate.usage_json(total)}
+
+
+@router.post("/embeddings")
+async def embeddings(
+    body: EmbeddingRequestIn, request: Request, engine: EngineDep
+) -> Any:
+    _note_unknown(body, request)
+    result = await engine.embed(translate.embedding_request(body))
+    return translate.embedding_response(body.model, result, body.encoding_format)
+
+
+def _model_json(status: ModelStatus) -> dict[str, Any]:
+    return {"id": status.id, "object": "model", "created": 0, "owned_by": "ember",
+            **{k: v for k, v in asdict(status).items() if k != "id"}}
+
+
+@router.get("/models")
+async def list_models(engine: EngineDep) -> Any:
+    return {"object": "list", "data": [_model_json(s) for s in engine.manager.status()]}
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, engine: EngineDep) -> Any:
+    return _model_json(engine.manager.status_of(model_id))
+
+
+@router.post("/models/load")
+async def load_model(body: LoadRequest, engine: EngineDep) -> Any:
+    """ember extension: load a model now rather than on its first request."""
+    await engine.manager.load(body.model)
+    return _model_json(engine.manager.status_of(body.model))
+
+
+@router.post("/models/unload")
+async def unload_model(body: LoadRequest, engine: EngineDep) -> Any:
+    """ember extension: unload a model and free its memory (409 while it serves requests)."""
+    await engine.manager.unload(body.model)
+    return _model_json(engine.manager.status_of(body.model))

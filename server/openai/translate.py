@@ -1,0 +1,216 @@
+"""OpenAI wire ⇄ engine types. Pure functions: no I/O, no model code."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.types import (
+    ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    Usage,
+)
+from server.openai.schemas import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    CompletionRequest,
+    EmbeddingRequestIn,
+    SamplingFields,
+)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        stop=stop,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        n=body.n,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def _message_text(message: ChatMessageIn, index: int) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part_index, part in enumerate(message.content):
+        where = f"messages[{index}].content[{part_index}]"
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "input_image"):
+            raise UnsupportedFeatureError(
+                "This model cannot see images. Send image parts to a vision-capable model.",
+                param=where,
+            )
+        else:
+            raise InvalidRequestError(
+                f"Unsupported content part type {kind!r}; expected 'text'", param=where
+            )
+    return "".join(texts)
+
+
+def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
+    if body.tools and body.tool_choice != "none":
+        raise UnsupportedFeatureError(
+            "Tool calling is not supported by this server build yet; omit `tools` or set "
+            "tool_choice to 'none'.",
+            param="tools",
+        )
+    if body.response_format is not None and body.response_format.type != "text":
+        raise UnsupportedFeatureError(
+            f"response_format {body.response_format.type!r} is not enforced by this server "
+            "build yet; refusing rather than returning unvalidated output.",
+            param="response_format",
+        )
+    if body.logprobs:
+        raise UnsupportedFeatureError("logprobs are not supported yet", param="logprobs")
+    messages = [
+        ChatMessage(role=m.role, content=_message_text(m, i)) for i, m in enumerate(body.messages)
+    ]
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return GenerationRequest(
+        model=body.model, params=_sampling(body, max_tokens), messages=messages,
+        request_id=new_id("chatcmpl"),
+    )
+
+
+def completion_requests(body: CompletionRequest) -> list[GenerationRequest]:
+    """One engine request per prompt (OpenAI accepts a list of prompts)."""
+    if body.suffix:
+        raise UnsupportedFeatureError("suffix (insertion) is not supported", param="suffix")
+    if body.logprobs:
+        raise UnsupportedFeatureError("logprobs are not supported yet", param="logprobs")
+    if body.best_of is not None and body.best_of != body.n:
+        raise UnsupportedFeatureError("best_of other than n is not supported", param="best_of")
+    prompt = body.prompt
+    prompts: list[str | list[int]]
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)  # type: ignore[arg-type]  # list[str] | list[list[int]] here
+    if not prompts:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    request_id = new_id("cmpl")
+    return [
+        GenerationRequest(
+            model=body.model, params=_sampling(body, body.max_tokens), prompt=p,
+            echo=body.echo, request_id=request_id,
+        )
+        for p in prompts
+    ]
+
+
+def usage_json(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def chat_response(name: str, request_id: str, result: GenerationResult) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in result.choices
+        ],
+        "usage": usage_json(result.usage),
+    }
+
+
+def completion_response(
+    name: str, request_id: str, results: list[GenerationResult]
+) -> dict[str, Any]:
+    per_prompt = len(results[0].choices)
+    choices = [
+        {
+            "index": p * per_prompt + c.index,
+            "text": c.text,
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+        }
+        for p, result in enumerate(results)
+        for c in result.choices
+    ]
+    usage = Usage(
+        sum(r.usage.prompt_tokens for r in results),
+        sum(r.usage.completion_tokens for r in results),
+    )
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": choices,
+        "usage": usage_json(usage),
+    }
+
+
+def embedding_request(body: EmbeddingRequestIn) -> EmbeddingRequest:
+    value = body.input
+    if isinstance(value, str):
+        return EmbeddingRequest(model=body.model, texts=[value], dimensions=body.dimensions)
+    if not value:
+        raise InvalidRequestError("input must not be empty", param="input")
+    if isinstance(value[0], int):
+        return EmbeddingRequest(model=body.model, token_ids=[value],
+                                dimensions=body.dimensions)
+    if isinstance(value[0], str):
+        return EmbeddingRequest(model=body.model, texts=value,
+                                dimensions=body.dimensions)
+    return EmbeddingRequest(model=body.model, token_ids=value,
+                            dimensions=body.dimensions)
+
+
+def embedding_response(
+    name: str, result: EmbeddingResult, encoding_format: str
+) -> dict[str, Any]:
+    vectors = np.asarray(result.vectors, dtype="<f4")
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": (
+                base64.b64encode(vector.tobytes()).decode("ascii")
+                if encoding_format == "base64" else vector.tolist()
+            ),
+        }
+        for i, vector in enumerate(vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": name,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }

@@ -1,0 +1,57 @@
+"""Server-sent events: prime a stream so errors become normal 4xx responses, then send
+`data: {...}` frames, an error frame if the engine fails mid-stream, and `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from fastapi.responses import StreamingResponse
+
+from engine.errors import EmberError
+
+log = logging.getLogger("ember.http")
+T = TypeVar("T")
+
+
+async def prime(events: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Pull the first event now: tokenization, limit checks and queue admission happen before
+    it, so their errors reach the caller as a normal error response, not a broken stream."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def chained() -> AsyncIterator[T]:
+        async with aclosing(events):  # type: ignore[type-var]
+            yield first
+            async for event in events:
+                yield event
+
+    return chained()
+
+
+def sse_response(
+    frames: AsyncIterator[dict[str, Any]], envelope: Callable[[EmberError], dict[str, Any]]
+) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        # aclosing: a client that disconnects cancels this generator, and closing `frames`
+        # propagates down to the engine, which stops decoding at its next step.
+        async with aclosing(frames):  # type: ignore[type-var]
+            try:
+                async for frame in frames:
+                    yield f"data: {json.dumps(frame, ensure_ascii=False)}\n\n"
+            except EmberError as error:
+                log.warning("stream ended with %s: %s", error.code, error.message)
+                yield f"data: {json.dumps(envelope(error))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
