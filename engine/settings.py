@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.errors import InvalidRequestError
 
@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: _default_cache_root() / "data")
     models_dir: Path = Field(default_factory=lambda: _default_cache_root() / "models")
 
-    preload: list[str] = Field(
+    # NoDecode: `EMBER_PRELOAD=a,b` is a comma list, not JSON.
+    preload: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["defaults"],
         description="model ids loaded at start; `defaults` = every installed default model",
     )

@@ -36,6 +36,17 @@ class SentenceTransformerEmbeddings(ModelAdapter):
         self.tokenizer: Any = self.model.tokenizer
         self.dimensions = int(self.model.get_embedding_dimension() or 0)
         self.max_tokens = int(self.model.max_seq_length)
+        self._special_prefix, self._special_suffix = self._special_tokens_around_text()
+
+    def _special_tokens_around_text(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer wraps any text in ([CLS] … [SEP] for BERT), found
+        by encoding one word with and without them, so raw token-id inputs get the same."""
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        wrapped = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(wrapped) - len(bare) + 1):
+            if wrapped[start:start + len(bare)] == bare:
+                return wrapped[:start], wrapped[start + len(bare):]
+        return [], []
 
     def warmup(self) -> None:
         self.embed(EmbeddingRequest(model=self.entry.id, texts=["warm up"]))
@@ -66,7 +77,7 @@ class SentenceTransformerEmbeddings(ModelAdapter):
             )
 
     def _with_special_tokens(self, ids: list[int]) -> list[int]:
-        return list(self.tokenizer.build_inputs_with_special_tokens(ids))
+        return [*self._special_prefix, *ids, *self._special_suffix]
 
     @torch.no_grad()
     def embed(self, request: EmbeddingRequest) -> np.ndarray:

@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="ember", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     install_error_handlers(app)
-    app.include_router(openai_router, prefix="/v1")
+    app.include_router(openai_router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -4,6 +4,7 @@ envelope, in this one place. Every 4xx is logged with its reason."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -57,25 +58,45 @@ def error_response(request: Request, error: EmberError) -> JSONResponse:
     )
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    """('body', 'messages', 0, 'role') → 'messages[0].role'."""
+# pydantic puts the tried type of a union member into `loc` ("str", "list[int]", a model's
+# class name); such tags are not fields.
+_UNION_TAG = re.compile(
+    r"^([a-z]+|[A-Z]\w*)\[.*\]$|^(str|int|float|bool|dict|list|none)$|^[A-Z]\w*$"
+)
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[str, list[str]]:
+    """('body', 'messages', 0, 'role') → ('messages[0].role', []); a union member's tag ends
+    the path and is returned as the type that was tried."""
     path = ""
-    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+    parts = loc[1:] if loc and loc[0] in ("body", "query", "path") else loc
+    for part in parts:
+        if isinstance(part, str) and _UNION_TAG.match(part):
+            return path, [part]
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
+    return path, []
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    first = exc.errors()[0]
+    errors = exc.errors()
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return InvalidRequestError("The request body is not valid JSON.", code="invalid_json")
-    field = _field_path(tuple(first.get("loc", ())))
-    if first.get("type") == "missing":
+    field, tried = _field_path(tuple(first.get("loc", ())))
+    if first.get("type") == "missing" and not tried:
         return InvalidRequestError(f"Missing required parameter: '{field}'.", param=field,
                                    code="missing_required_parameter")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     got = first.get("input")
     shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    if tried:  # every member of a union failed: say which types are accepted
+        accepted = []
+        for error in errors:
+            other, kinds = _field_path(tuple(error.get("loc", ())))
+            if other == field:
+                accepted += [k for k in kinds if k not in accepted]
+        message = f"expected one of: {', '.join(accepted)}"
+    else:
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return InvalidRequestError(f"Invalid value for '{field or 'body'}': {message} (got {shown}).",
                                param=field or None)
 

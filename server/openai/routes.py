@@ -26,7 +26,7 @@ from server.openai.schemas import (
 from server.streaming import prime, sse_response
 
 log = logging.getLogger("ember.http")
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 def _note_unknown(body: WireModel, request: Request) -> None:

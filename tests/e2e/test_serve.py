@@ -1,0 +1,129 @@
+"""`ember serve` as a real process on a free port, with the packaged default models (SmolLM2
+chat and MiniLM embeddings), driven by the published `openai` client."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+STARTUP_LIMIT_S = 420  # the first start on a fresh machine de-quantizes the GGUF (~20-60 s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "ember.log"
+    env = {**os.environ, "EMBER_DATA_DIR": str(log_path.parent / "data")}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ember.cli", "serve", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2],
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_LIMIT_S
+        while True:
+            assert process.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"not ready:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    output = log_path.read_text()
+    assert "ember serving at http://127.0.0.1:" in output
+    assert "models ready: smollm2-135m-instruct (chat), all-minilm-l6-v2 (embedding)" in output
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_list_the_packaged_defaults(client: openai.OpenAI) -> None:
+    states = {m.id: (m.model_extra or {}).get("state") for m in client.models.list().data}
+    assert states["smollm2-135m-instruct"] == "ready"
+    assert states["all-minilm-l6-v2"] == "ready"
+
+
+def test_real_chat_answers_and_stream_matches(client: openai.OpenAI) -> None:
+    messages: list = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, temperature=0, max_tokens=30
+    )
+    text = reply.choices[0].message.content or ""
+    assert "Paris" in text
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    streamed = client.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, temperature=0, max_tokens=30, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_real_completion(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=5,
+        temperature=0,
+    )
+    assert reply.choices[0].text.strip()
+
+
+def test_real_embeddings_rank_meaning(client: openai.OpenAI) -> None:
+    texts = [
+        "Machine learning is a subset of artificial intelligence.",
+        "Deep learning uses neural networks with many layers.",
+        "The weather today is sunny and warm.",
+    ]
+    data = client.embeddings.create(model="text-embedding-ada-002", input=texts).data
+    vectors = [d.embedding for d in data]
+
+    def cos(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    assert len(vectors[0]) == 384
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.2
+
+
+def test_bad_request_then_still_serving(client: openai.OpenAI, server: str) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], temperature=5
+        )
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    reply = client.embeddings.create(model="text-embedding-ada-002", input="still here")
+    assert reply.data
+
+
+def test_models_command_lists_the_registry() -> None:
+    output = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "models"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "smollm2-135m-instruct" in output and "gpt-4o-mini" in output

@@ -1,0 +1,242 @@
+"""Every bad input gets a clear 4xx in OpenAI's error envelope, and the server keeps serving."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from engine.settings import Settings
+from tests.conftest import TINY_CONTEXT, Served, serve_in_process
+
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+async def still_serving(served: Served) -> None:
+    reply = await served.openai.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=2, temperature=0
+    )
+    assert reply.choices
+
+
+BAD_CHAT_BODIES = [
+    ({"temperature": 5}, "temperature"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": "hello"}, "messages"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"stream": "often"}, "stream"),
+    ({"model": None}, "model"),
+]
+
+
+@pytest.mark.parametrize(("change", "param"), BAD_CHAT_BODIES)
+async def test_bad_chat_field_is_400_naming_it(
+    served: Served, change: dict[str, Any], param: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {"model": "tiny-chat", "messages": USER, **change}
+    with caplog.at_level(logging.WARNING, logger="ember.http"):
+        response = await served.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert param.split("[")[0] in error["message"]
+    assert any("400" in record.getMessage() for record in caplog.records)
+    await still_serving(served)
+
+
+async def test_missing_messages_is_400(served: Served) -> None:
+    response = await served.http.post("/v1/chat/completions", json={"model": "tiny-chat"})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "messages"
+    assert error["code"] == "missing_required_parameter"
+
+
+async def test_openai_client_raises_bad_request_with_param(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await served.openai.chat.completions.create(
+            model="tiny-chat", messages=USER, temperature=5
+        )
+    assert caught.value.status_code == 400
+    assert caught.value.param == "temperature"
+
+
+async def test_unknown_model_is_404_naming_available_ids(served: Served) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await served.openai.chat.completions.create(
+            model="gpt-9", messages=USER
+        )
+    assert caught.value.code == "model_not_found"
+    assert "gpt-9" in caught.value.message and "tiny-chat" in caught.value.message
+    with pytest.raises(openai.NotFoundError):
+        await served.openai.embeddings.create(model="nope", input="x")
+    await still_serving(served)
+
+
+async def test_wrong_task_model_is_400(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await served.openai.chat.completions.create(
+            model="all-minilm-l6-v2", messages=USER
+        )
+    assert caught.value.code == "model_task_mismatch"
+
+
+async def test_non_json_body_is_400(served: Served) -> None:
+    response = await served.http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_json"
+    await still_serving(served)
+
+
+async def test_prompt_over_context_is_400_with_both_numbers(served: Served) -> None:
+    long_text = "The quick brown fox jumps over the lazy dog. " * 60
+    response = await served.http.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-chat", "messages": [{"role": "user", "content": long_text}]},
+    )
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "context_length_exceeded"
+    assert str(TINY_CONTEXT) in error["message"]
+    prompt_tokens = int(error["message"].split("needs ")[1].split(" ")[0])
+    assert prompt_tokens > TINY_CONTEXT
+    assert str(prompt_tokens) in error["message"]
+
+    # A prompt that fits but leaves no room for max_tokens names max_tokens.
+    response = await served.http.post(
+        "/v1/completions",
+        json={"model": "tiny-chat", "prompt": "Hello world", "max_tokens": TINY_CONTEXT},
+    )
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "max_tokens"
+    await still_serving(served)
+
+
+async def test_stream_errors_arrive_before_the_stream_starts(served: Served) -> None:
+    long_text = "Hello world " * 300
+    response = await served.http.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-chat", "stream": True,
+              "messages": [{"role": "user", "content": long_text}]},
+    )
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/json")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+         "messages[0].content[0]"),
+    ],
+)
+async def test_unsupported_features_are_refused_not_ignored(
+    served: Served, body: dict[str, Any], param: str
+) -> None:
+    response = await served.http.post(
+        "/v1/chat/completions", json={"model": "tiny-chat", "messages": USER, **body}
+    )
+    assert response.status_code == 400
+    assert error_of(response)["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": []}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": ["ok", ""]}, "input"),
+        ({"input": "hi", "dimensions": 385}, "dimensions"),
+        ({"input": "hi", "dimensions": 0}, "dimensions"),
+        ({"input": "hi", "encoding_format": "hex"}, "encoding_format"),
+        ({"input": [[1, 2, 10**9]]}, "input"),
+        ({"input": "word " * 400}, "input"),
+        ({"input": 42}, "input"),
+    ],
+)
+async def test_bad_embedding_inputs_are_400(
+    served: Served, body: dict[str, Any], param: str
+) -> None:
+    response = await served.http.post(
+        "/v1/embeddings", json={"model": "all-minilm-l6-v2", **body}
+    )
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param
+    ok = await served.openai.embeddings.create(model="all-minilm-l6-v2", input="still here")
+    assert ok.data
+
+
+async def test_model_that_fails_to_load_is_503_and_others_serve(served: Served) -> None:
+    with pytest.raises(openai.InternalServerError) as caught:
+        await served.openai.chat.completions.create(
+            model="broken-chat", messages=USER
+        )
+    assert caught.value.status_code == 503
+    assert caught.value.code == "model_load_failed"
+    assert "broken-chat" in caught.value.message
+    listed = (await served.http.get("/v1/models/broken-chat")).json()
+    assert listed["state"] == "failed" and listed["error"]
+    await still_serving(served)
+
+
+async def test_body_over_limit_is_413(make_settings: Callable[..., Settings]) -> None:
+    async for small in serve_in_process(make_settings(max_body_bytes=2048)):
+        big = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x" * 5000}]}
+        response = await small.http.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413
+        assert error_of(response)["code"] == "request_too_large"
+
+        async def chunks() -> Any:  # no Content-Length: counted while it streams in
+            for _ in range(10):
+                yield b" " * 1024
+
+        response = await small.http.post(
+            "/v1/embeddings", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+        ok = await small.http.post(
+            "/v1/chat/completions",
+            json={"model": "tiny-chat", "messages": USER, "max_tokens": 1},
+        )
+        assert ok.status_code == 200
+
+
+async def test_api_key_is_enforced_when_set(make_settings: Callable[..., Settings]) -> None:
+    async for guarded in serve_in_process(make_settings(api_key="sekrit")):
+        with pytest.raises(openai.AuthenticationError):
+            await guarded.openai.models.list()
+        response = await guarded.http.get(
+            "/v1/models", headers={"Authorization": "Bearer sekrit"}
+        )
+        assert response.status_code == 200
+        assert (await guarded.http.get("/health")).status_code == 200
+
+
+async def test_unknown_route_is_404_in_envelope(served: Served) -> None:
+    response = await served.http.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "not_found"
