@@ -8,6 +8,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
+from engine.types import ChoiceFinished, GenerationRequest, SamplingParams, TextDelta
 from tests.conftest import Served
 
 USER: list[ChatCompletionMessageParam] = [
@@ -173,3 +174,21 @@ async def test_system_roles_are_accepted(served: Served, role: str) -> None:
                   {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
     )
     assert reply.choices[0].message.content is not None
+
+
+async def test_closing_a_stream_stops_its_work_and_frees_the_lease(served: Served) -> None:
+    engine = served.app.state.engine
+    request = GenerationRequest(
+        model="tiny-chat", prompt="Hello world",
+        params=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+    )
+    events = engine.stream(request)
+    first = await anext(events)
+    assert isinstance(first, TextDelta | ChoiceFinished)
+    await events.aclose()  # what a client disconnect does to the response generator
+    slot = engine.manager.slot("tiny-chat")
+    assert slot.leases == 0 and slot.runner.pending == 0
+    reply = await served.openai.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=2
+    )
+    assert reply.choices

@@ -1,0 +1,1 @@
+"""Benchmarks that measure ember against baselines run in the same process run."""
