@@ -30,9 +30,9 @@ from engine.errors import (
     ModelUnavailableError,
 )
 from engine.registry import ModelEntry, Registry, Task
+from engine.runners import Runner, make_runner
 from engine.settings import Settings
 from engine.sources import is_installed
-from engine.workers import SerialWorker
 from models.base import LoadContext, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class ModelSlot:
     entry: ModelEntry
     state: ModelState = ModelState.AVAILABLE
     adapter: Any = None
-    worker: SerialWorker | None = None
+    worker: Runner | None = None
     error: str | None = None
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -77,8 +77,8 @@ class ModelSlot:
     loading: asyncio.Task[None] | None = None
 
     @property
-    def runner(self) -> SerialWorker:
-        """The compute worker of a leased (hence READY) slot."""
+    def runner(self) -> Any:
+        """The runner (scheduler or batcher) of a leased, hence READY, slot."""
         if self.worker is None:
             raise ModelUnavailableError(f"{self.entry.id!r} is not loaded")
         return self.worker
@@ -187,8 +187,7 @@ class ModelManager:
             slot.load_seconds = time.perf_counter() - started
             slot.adapter, slot.memory_bytes = adapter, adapter.memory_bytes()
             slot.device, slot.dtype = device, str(dtype).removeprefix("torch.")
-            max_queue = entry.limits.max_queue or self.settings.max_queue_per_model
-            slot.worker = SerialWorker(entry.id, max_queue)
+            slot.worker = make_runner(entry, adapter, self.settings)
             slot.state = ModelState.READY
             metrics.MODEL_LOADED.labels(entry.id).set(1)
             metrics.MODEL_LOAD_SECONDS.labels(entry.id).set(slot.load_seconds)
@@ -217,10 +216,11 @@ class ModelManager:
         adapter, worker = slot.adapter, slot.worker
         slot.adapter, slot.worker, slot.state = None, None, ModelState.AVAILABLE
         metrics.MODEL_LOADED.labels(slot.entry.id).set(0)
-        if worker is not None:
-            worker.shutdown()
+        loop = asyncio.get_running_loop()
+        if worker is not None:  # joins the runner's thread: off the event loop
+            await loop.run_in_executor(self._loader, worker.shutdown)
         if adapter is not None:
-            await asyncio.get_running_loop().run_in_executor(self._loader, adapter.unload)
+            await loop.run_in_executor(self._loader, adapter.unload)
         log.info("unloaded %s", slot.entry.id)
 
     # -- memory budget and idle TTL ----------------------------------------------------------

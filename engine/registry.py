@@ -28,6 +28,7 @@ class ModelLimits(BaseModel):
     max_batch_size: int = Field(32, gt=0)
     max_wait_ms: float = Field(5, ge=0)
     max_queue: int | None = Field(None, gt=0, description="defaults to max_queue_per_model")
+    kv_cache_tokens: int | None = Field(None, gt=0, description="defaults to kv_cache_tokens")
 
 
 class ModelEntry(BaseModel):

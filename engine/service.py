@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine import metrics
@@ -29,6 +30,7 @@ from engine.types import (
     TextDelta,
     Usage,
 )
+from models.embeddings import truncate_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class Engine:
             def emit(event: GenerationEvent) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-            future = worker.submit(adapter.generate, prepared, request.params, emit, cancelled)
+            future = worker.submit(prepared, request.params, emit, cancelled)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _DONE))
             metrics.QUEUE_DEPTH.labels(slot.entry.id).set(worker.pending)
             try:
@@ -159,12 +161,10 @@ class Engine:
         async with self.manager.lease(request.model, "embedding") as slot:
             adapter = slot.adapter
             adapter.check_dimensions(request.dimensions)
-
-            def run() -> tuple[Any, int]:
-                tokens = sum(adapter.count_tokens(request))
-                return adapter.embed(request), tokens
-
-            vectors, tokens = await slot.runner.run(run)
+            tokens = sum(await asyncio.to_thread(adapter.count_tokens, request))
+            payloads = request.texts if request.texts is not None else request.token_ids
+            vectors = await slot.runner.submit_many(payloads)
             metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
             metrics.EMBEDDED_INPUTS.labels(slot.entry.id).inc(count)
-            return EmbeddingResult(model=request.model, vectors=vectors, prompt_tokens=tokens)
+            matrix = truncate_dimensions(np.stack(vectors), request.dimensions)
+            return EmbeddingResult(model=request.model, vectors=matrix, prompt_tokens=tokens)

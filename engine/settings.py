@@ -50,7 +50,18 @@ class Settings(BaseSettings):
     memory_budget_mb: float = Field(0, ge=0, description="total model memory; 0 = unlimited")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
-    max_queue_per_model: int = Field(64, gt=0)
+    max_queue_per_model: int = Field(
+        256, gt=0, description="waiting requests (or inputs) per model before 429"
+    )
+    request_timeout_s: float = Field(
+        600, ge=0, description="longest wait in a model's queue before 504; 0 = no limit"
+    )
+    kv_cache_tokens: int = Field(
+        32768, gt=0, description="chat KV-cache budget per model (batch rows x cached length)"
+    )
+    prefill_chunk_tokens: int = Field(
+        256, gt=0, description="prompt tokens prefilled per scheduler step; longer ones are chunked"
+    )
     max_embedding_inputs: int = Field(2048, gt=0)
     max_n: int = Field(8, gt=0, description="largest `n` a chat/completion request may ask for")
     api_key: str | None = None

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from engine.types import (
     GenerationRequest,
     SamplingParams,
     TextDelta,
-    Usage,
 )
 from models.base import ModelAdapter
+from models.chat_batching import KVBlock, positions_from_mask
 from models.decoding import (
     IncrementalDetokenizer,
     StopStringMatcher,
@@ -56,12 +55,24 @@ class PreparedPrompt:
 
 
 @dataclass
-class _ChoiceState:
+class SequenceState:
+    """One choice being generated: its sampling state, text so far and what was streamed."""
+
+    index: int
+    params: SamplingParams
+    max_tokens: int
     detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # tokens generated so far, for penalties
     text: str = ""
     emitted: int = 0
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0 and self.counts is None
 
 
 class TransformersChat(ModelAdapter):
@@ -129,9 +140,8 @@ class TransformersChat(ModelAdapter):
         return target
 
     def warmup(self) -> None:
-        params = SamplingParams(max_tokens=2, temperature=0)
-        prepared = self.prepare(GenerationRequest(model=self.entry.id, params=params, prompt="Hi"))
-        self.generate(prepared, params, lambda event: None, threading.Event())
+        block, logits = self.prefill([self.tokenizer("Hi").input_ids])
+        self.decode(block.to_cache(), block.mask, logits.argmax(dim=-1))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -185,75 +195,99 @@ class TransformersChat(ModelAdapter):
         ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
         return ids, text
 
-    @torch.no_grad()  # not inference_mode: transformers' caches mutate tensors in place
-    def generate(
-        self,
-        prompt: PreparedPrompt,
-        params: SamplingParams,
-        emit: Callable[[GenerationEvent], None],
-        cancelled: threading.Event,
-    ) -> Usage:
-        """Decode `params.n` choices of one prompt as one batch (no padding: same prompt),
-        emitting text deltas as they become final. Returns the usage."""
-        n = params.n
+    # -- batched decoding primitives, driven by engine.scheduler.ChatScheduler ---------------
+    # torch.no_grad, not inference_mode: transformers' caches mutate tensors in place.
+
+    def new_sequences(self, prompt: PreparedPrompt, params: SamplingParams) -> list[SequenceState]:
+        """The `n` choices of one request. Choice i samples from seed + i, so a seeded request
+        is reproducible and its choices still differ."""
+        sequences = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None and params.temperature > 0:
+                generator = torch.Generator(device=self.context.device)
+                generator.manual_seed(params.seed + index)
+            counts = None
+            if params.presence_penalty or params.frequency_penalty:
+                counts = torch.zeros(self.vocab_size, device=self.context.device)
+            sequences.append(SequenceState(
+                index=index, params=params, max_tokens=prompt.max_tokens,
+                detok=IncrementalDetokenizer(self.tokenizer), stops=StopStringMatcher(params.stop),
+                generator=generator, counts=counts,
+            ))
+        return sequences
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> tuple[KVBlock, torch.Tensor]:
+        """One forward over several prompts, left-padded to the longest. Returns their KV rows
+        and the logits of each prompt's last token."""
         device = self.context.device
-        generator = None
-        if params.seed is not None and params.temperature > 0:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
-        choices = [_ChoiceState(IncrementalDetokenizer(self.tokenizer)) for _ in range(n)]
-        stops = StopStringMatcher(params.stop)
-        penalize = bool(params.presence_penalty or params.frequency_penalty)
-        counts = torch.zeros((n, self.vocab_size), device=device) if penalize else None
-
-        input_ids = torch.tensor([prompt.ids] * n, device=device)
+        width = max(len(ids) for ids in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, device=device)
+            mask[row, width - len(prompt):] = 1
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        for step in range(prompt.max_tokens):
-            if cancelled.is_set():
-                break
-            logits = out.logits[:, -1, :].float()
-            if counts is not None:
-                apply_penalties(logits, counts, params)
-            next_tokens = sample_next(logits, params, generator)
-            if counts is not None:
-                counts[torch.arange(n, device=device), next_tokens] += 1
-            last_step = step == prompt.max_tokens - 1
-            for index, (state, token) in enumerate(zip(choices, next_tokens.tolist(), strict=True)):
-                if state.finish_reason is None:
-                    self._advance(index, state, token, stops, params, last_step, emit)
-            if all(state.finish_reason for state in choices):
-                break
-            out = self.model(input_ids=next_tokens[:, None], past_key_values=cache,
-                             use_cache=True)
-        completion_tokens = sum(state.completion_tokens for state in choices)
-        return Usage(prompt_tokens=len(prompt.ids), completion_tokens=completion_tokens)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return KVBlock.from_cache(cache, mask), out.logits[:, -1, :].float()
 
-    def _advance(
-        self,
-        index: int,
-        state: _ChoiceState,
-        token: int,
-        stops: StopStringMatcher,
-        params: SamplingParams,
-        last_step: bool,
-        emit: Callable[[GenerationEvent], None],
+    @torch.no_grad()
+    def prefill_chunk(self, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+        """Extend one prompt's cache by a chunk (long prompts prefill across scheduler steps,
+        so running streams keep flowing). Returns the chunk's last logits."""
+        tokens = torch.tensor([ids], device=self.context.device)
+        out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    @torch.no_grad()
+    def decode(
+        self, cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for every row of a left-padded batch. Returns (logits, the grown mask)."""
+        positions = mask.sum(dim=1, keepdim=True)  # each row's real length = its next position
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float(), mask
+
+    def choose_tokens(self, logits: torch.Tensor, sequences: list[SequenceState]) -> list[int]:
+        """Next token per row: greedy rows in one argmax, the others with their own sampling
+        parameters, penalties and generator."""
+        chosen = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(sequences):
+            if seq.greedy:
+                continue
+            row_logits = logits[row:row + 1]
+            if seq.counts is not None:
+                row_logits = row_logits.clone()
+                apply_penalties(row_logits, seq.counts[None], seq.params)
+            chosen[row] = int(sample_next(row_logits, seq.params, seq.generator)[0])
+        return chosen
+
+    def advance(
+        self, seq: SequenceState, token: int, emit: Callable[[GenerationEvent], None]
     ) -> None:
-        state.completion_tokens += 1
-        if token in self.eos_ids and not params.ignore_eos:
-            state.finish_reason = "stop"
+        """Account one generated token: decide whether the choice is finished (eos, a stop
+        string, max_tokens) and emit the text that is now final."""
+        seq.completion_tokens += 1
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            seq.finish_reason = "stop"
         else:
-            before = len(state.text)
-            state.text += state.detok.add(token)
-            cut = stops.find(state.text, before)
+            before = len(seq.text)
+            seq.text += seq.detok.add(token)
+            cut = seq.stops.find(seq.text, before)
             if cut >= 0:
-                state.text = state.text[:cut]
-                state.finish_reason = "stop"
-            elif last_step:
-                state.finish_reason = "length"
-        safe = len(state.text) if state.finish_reason else stops.safe_length(state.text)
-        if safe > state.emitted:
-            emit(TextDelta(index, state.text[state.emitted:safe]))
-            state.emitted = safe
-        if state.finish_reason:
-            emit(ChoiceFinished(index, state.finish_reason))
+                seq.text = seq.text[:cut]
+                seq.finish_reason = "stop"
+            elif seq.completion_tokens >= seq.max_tokens:
+                seq.finish_reason = "length"
+        safe = len(seq.text) if seq.finish_reason else seq.stops.safe_length(seq.text)
+        if safe > seq.emitted:
+            emit(TextDelta(seq.index, seq.text[seq.emitted:safe]))
+            seq.emitted = safe
+        if seq.finish_reason:
+            emit(ChoiceFinished(seq.index, seq.finish_reason))

@@ -49,7 +49,7 @@ class SentenceTransformerEmbeddings(ModelAdapter):
         return [], []
 
     def warmup(self) -> None:
-        self.embed(EmbeddingRequest(model=self.entry.id, texts=["warm up"]))
+        self.batch(["warm up"])
 
     def count_tokens(self, request: EmbeddingRequest) -> list[int]:
         """Tokens per input, special tokens included; over the model's limit is a 400 (no
@@ -79,20 +79,28 @@ class SentenceTransformerEmbeddings(ModelAdapter):
     def _with_special_tokens(self, ids: list[int]) -> list[int]:
         return [*self._special_prefix, *ids, *self._special_suffix]
 
+    @staticmethod
+    def size_of(payload: str | list[int]) -> int:
+        """Sort key for batching: characters or token ids, either tracks the padded length."""
+        return len(payload)
+
     @torch.no_grad()
-    def embed(self, request: EmbeddingRequest) -> np.ndarray:
-        if request.texts is not None:
-            vectors = self.model.encode(
-                request.texts, batch_size=self.entry.limits.max_batch_size,
+    def batch(self, payloads: list[str | list[int]]) -> list[np.ndarray]:
+        """Unit vectors at full dimension, one per payload (text or token ids), in order."""
+        vectors: list[np.ndarray] = [np.empty(0)] * len(payloads)
+        texts = [(i, p) for i, p in enumerate(payloads) if isinstance(p, str)]
+        id_lists = [(i, p) for i, p in enumerate(payloads) if not isinstance(p, str)]
+        if texts:
+            encoded = self.model.encode(
+                [text for _, text in texts], batch_size=len(texts),
                 convert_to_numpy=True, normalize_embeddings=True,
             )
-        else:
-            vectors = self._embed_token_ids(request.token_ids or [])
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if request.dimensions is not None and request.dimensions < vectors.shape[1]:
-            vectors = vectors[:, : request.dimensions]
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
+            for (i, _), vector in zip(texts, encoded, strict=True):
+                vectors[i] = np.asarray(vector, dtype=np.float32)
+        if id_lists:
+            encoded = self._embed_token_ids([ids for _, ids in id_lists])
+            for (i, _), vector in zip(id_lists, encoded, strict=True):
+                vectors[i] = vector
         return vectors
 
     def _embed_token_ids(self, batch: list[list[int]]) -> np.ndarray:
@@ -110,3 +118,11 @@ class SentenceTransformerEmbeddings(ModelAdapter):
         output = self.model(features)["sentence_embedding"].float()
         output = torch.nn.functional.normalize(output, dim=-1)
         return output.cpu().numpy()
+
+
+def truncate_dimensions(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Keep the first `dimensions` components and re-normalize (OpenAI's `dimensions`)."""
+    if dimensions is None or dimensions >= vectors.shape[1]:
+        return vectors
+    vectors = vectors[:, :dimensions]
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

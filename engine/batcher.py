@@ -1,0 +1,199 @@
+"""One generic dynamic batcher for every capability that batches well (embeddings now; rerank,
+moderation, speech and images later).
+
+Callers submit items and await a future each. One compute thread takes the queue as it finds
+it: it waits up to `max_wait_ms` for a batch to fill, orders the items by size so a batch pads
+little, runs `max_batch_size` at a time through the batch function, and resolves each future
+with its own result. A full queue answers `OverloadedError` (429 + Retry-After), an item whose
+deadline passes while queued gets `DeadlineExceededError` (504), and a caller that goes away
+takes its item out before it is computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from engine.errors import DeadlineExceededError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass(order=True)
+class _Item(Generic[In]):
+    size: int
+    seq: int
+    payload: Any = field(compare=False)
+    future: asyncio.Future[Any] = field(compare=False)
+    loop: asyncio.AbstractEventLoop = field(compare=False)
+    deadline: float = field(compare=False)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError or torch's OutOfMemoryError (a RuntimeError), without importing torch."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+class Batcher(Generic[In, Out]):
+    """`await batcher.submit_many(items)` → results in the same order.
+
+    `batch_fn(payloads)` runs on the batcher's own thread and returns one result per payload.
+    `size_of(payload)` orders items so similar sizes share a batch (e.g. token counts).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        batch_fn: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        size_of: Callable[[In], int] = lambda _: 0,
+        timeout_s: float = 0,
+    ):
+        self.name = name
+        self._batch_fn = batch_fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._size_of = size_of
+        self._timeout_s = timeout_s
+        self._queue: list[_Item[In]] = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._closed = False
+        self.batches_run = 0
+        self._in_flight = 0
+        self._thread = threading.Thread(target=self._run, name=f"ember-batch-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Items queued or being computed."""
+        return len(self._queue) + self._in_flight
+
+    @property
+    def load_fraction(self) -> float:
+        return len(self._queue) / self.max_queue
+
+    async def submit_many(self, payloads: Sequence[In]) -> list[Out]:
+        """All or nothing: if the queue cannot take every item, none is queued (429)."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self._timeout_s if self._timeout_s else float("inf")
+        items = []
+        with self._cond:
+            if len(self._queue) + len(payloads) > self.max_queue:
+                raise OverloadedError(
+                    f"{self.name!r} has {len(self._queue)} inputs queued; {len(payloads)} more "
+                    f"would pass its limit of {self.max_queue}. Retry shortly.",
+                    retry_after=max(1.0, self.max_wait_s * 2),
+                )
+            for payload in payloads:
+                self._seq += 1
+                item: _Item[In] = _Item(
+                    self._size_of(payload), self._seq, payload, loop.create_future(), loop, deadline
+                )
+                self._queue.append(item)
+                items.append(item)
+            self._cond.notify()
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        except BaseException:
+            self._withdraw(items)
+            raise
+
+    def _withdraw(self, items: list[_Item[In]]) -> None:
+        """A caller that went away (or failed) takes its remaining items out of the queue."""
+        with self._cond:
+            gone = {id(item) for item in items}
+            self._queue = [item for item in self._queue if id(item) not in gone]
+        for item in items:
+            if not item.future.done():
+                item.future.cancel()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    # -- the compute thread ------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Item[In]] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            # Let a batch fill, unless it is already full.
+            fill_until = time.monotonic() + self.max_wait_s
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                remaining = fill_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            # Oldest first decides which items go now; within the batch, order by size.
+            batch = self._queue[: self.max_batch_size]
+            del self._queue[: len(batch)]
+            self._in_flight = len(batch)
+        return sorted(batch)
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.future.cancelled():
+                    continue
+                if now > item.deadline:
+                    self._resolve(item, error=DeadlineExceededError(
+                        f"{self.name!r}: the request waited past its deadline in the queue"))
+                    continue
+                live.append(item)
+            self._compute(live)
+            self._in_flight = 0
+
+    def _compute(self, items: list[_Item[In]]) -> None:
+        try:
+            results = self._batch_fn([item.payload for item in items])
+            self.batches_run += 1
+        except Exception as exc:
+            if not _is_out_of_memory(exc):  # every caller of the batch gets the error
+                for item in items:
+                    self._resolve(item, error=exc)
+                return
+            if len(items) == 1:
+                self._resolve(items[0], error=exc)
+                return
+            log.warning("%s: out of memory on a batch of %d; splitting", self.name, len(items))
+            half = len(items) // 2
+            self._compute(items[:half])
+            self._compute(items[half:])
+            return
+        for item, result in zip(items, results, strict=True):
+            self._resolve(item, result=result)
+
+    @staticmethod
+    def _resolve(
+        item: _Item[In], *, result: Any = None, error: BaseException | None = None
+    ) -> None:
+        def settle() -> None:
+            if item.future.done():
+                return
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone; nobody waits
+            item.loop.call_soon_threadsafe(settle)

@@ -1,0 +1,38 @@
+"""Which runner serves a loaded model, by task: chat gets the continuous-batching scheduler,
+batchable tasks get the dynamic `Batcher`. Runners own the model's queue, limits and thread."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from engine.batcher import Batcher
+from engine.registry import ModelEntry
+from engine.scheduler import ChatScheduler
+from engine.settings import Settings
+
+
+class Runner(Protocol):
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def load_fraction(self) -> float: ...
+
+    def shutdown(self) -> None: ...
+
+
+def make_runner(entry: ModelEntry, adapter: Any, settings: Settings) -> Runner:
+    limits = entry.limits
+    max_queue = limits.max_queue or settings.max_queue_per_model
+    if entry.task == "chat":
+        return ChatScheduler(
+            adapter, entry.id, max_batch_size=limits.max_batch_size, max_queue=max_queue,
+            kv_cache_tokens=limits.kv_cache_tokens or settings.kv_cache_tokens,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            timeout_s=settings.request_timeout_s,
+        )
+    return Batcher(
+        entry.id, adapter.batch, max_batch_size=limits.max_batch_size,
+        max_wait_ms=limits.max_wait_ms, max_queue=max_queue, size_of=adapter.size_of,
+        timeout_s=settings.request_timeout_s,
+    )
