@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class Served:
     http: httpx.AsyncClient
 
 
+@asynccontextmanager
 async def serve_in_process(settings: Settings) -> AsyncIterator[Served]:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -83,5 +85,5 @@ async def serve_in_process(settings: Settings) -> AsyncIterator[Served]:
 
 @pytest.fixture(scope="session")
 async def served(make_settings: Callable[..., Settings]) -> AsyncIterator[Served]:
-    async for value in serve_in_process(make_settings()):
+    async with serve_in_process(make_settings()) as value:
         yield value

@@ -27,7 +27,7 @@ async def test_chat_and_embeddings_run_on_cuda_and_unload_frees_memory(
     make_settings: Callable[..., Settings],
 ) -> None:
     settings = make_settings(models=[{"id": "tiny-chat", "dtype": "auto", "device": "cuda"}])
-    async for served in serve_in_process(settings):
+    async with serve_in_process(settings) as served:
         reply = await served.openai.chat.completions.create(
             model="tiny-chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
             temperature=0, extra_body={"ignore_eos": True},

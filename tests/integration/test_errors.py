@@ -204,7 +204,7 @@ async def test_model_that_fails_to_load_is_503_and_others_serve(served: Served) 
 
 
 async def test_body_over_limit_is_413(make_settings: Callable[..., Settings]) -> None:
-    async for small in serve_in_process(make_settings(max_body_bytes=2048)):
+    async with serve_in_process(make_settings(max_body_bytes=2048)) as small:
         big = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x" * 5000}]}
         response = await small.http.post("/v1/chat/completions", json=big)
         assert response.status_code == 413
@@ -226,7 +226,7 @@ async def test_body_over_limit_is_413(make_settings: Callable[..., Settings]) ->
 
 
 async def test_api_key_is_enforced_when_set(make_settings: Callable[..., Settings]) -> None:
-    async for guarded in serve_in_process(make_settings(api_key="sekrit")):
+    async with serve_in_process(make_settings(api_key="sekrit")) as guarded:
         with pytest.raises(openai.AuthenticationError):
             await guarded.openai.models.list()
         response = await guarded.http.get(

@@ -37,7 +37,7 @@ async def test_load_and_unload_show_in_models(served: Served) -> None:
 
 
 async def test_concurrent_requests_share_one_load(make_settings: Callable[..., Settings]) -> None:
-    async for fresh in serve_in_process(make_settings()):
+    async with serve_in_process(make_settings()) as fresh:
         replies = await asyncio.gather(*[
             fresh.openai.chat.completions.create(
                 model="tiny-chat", messages=[{"role": "user", "content": f"Hi {i}"}],
@@ -52,7 +52,7 @@ async def test_concurrent_requests_share_one_load(make_settings: Callable[..., S
 
 
 async def test_health_ready_and_metrics(make_settings: Callable[..., Settings]) -> None:
-    async for fresh in serve_in_process(make_settings(preload=["tiny-chat"])):
+    async with serve_in_process(make_settings(preload=["tiny-chat"])) as fresh:
         assert (await fresh.http.get("/health")).json() == {"status": "ok"}
         await fresh.app.state.engine.wait_preloaded()
         ready = await fresh.http.get("/ready")
@@ -68,7 +68,7 @@ async def test_health_ready_and_metrics(make_settings: Callable[..., Settings]) 
 
 
 async def test_ready_is_503_while_a_preload_fails(make_settings: Callable[..., Settings]) -> None:
-    async for fresh in serve_in_process(make_settings(preload=["broken-chat"])):
+    async with serve_in_process(make_settings(preload=["broken-chat"])) as fresh:
         await fresh.app.state.engine.wait_preloaded()
         ready = await fresh.http.get("/ready")
         assert ready.status_code == 503
