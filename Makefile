@@ -23,8 +23,9 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed
-	$(PY) -m benchmarks.overhead
+bench: $(VENV)/.installed-dev
+	$(VENV)/bin/ember bench overhead
+	$(VENV)/bin/ember bench sweep
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

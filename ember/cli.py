@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -64,6 +65,15 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("overhead", "sweep")
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run one of benchmarks/ (each takes its own flags; `--help` lists them)."""
+    module = importlib.import_module(f"benchmarks.{args.which}")
+    return int(module.main(args.rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="Local inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     models_p = sub.add_parser("models", help="list the model registry")
     models_p.add_argument("--config", type=Path)
     models_p.set_defaults(func=models, preload=None)
+
+    bench_p = sub.add_parser("bench", help="run a benchmark against same-run baselines")
+    bench_p.add_argument("which", choices=BENCHMARKS)
+    bench_p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench_p.set_defaults(func=bench)
     return parser
 
 

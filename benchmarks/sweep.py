@@ -1,0 +1,388 @@
+"""Throughput and latency under load: concurrency sweeps through the real HTTP API, against
+baselines measured in the same run.
+
+    python -m benchmarks.sweep [--quick] [--out DIR] [--concurrency 1,2,4,8,16,32]
+    ember bench sweep [--quick]
+
+Chat: at each concurrency C, C async clients each stream `--requests` chat completions one
+after another (`max_tokens` tokens, `ignore_eos`), so arrivals spread out as they would with
+real users. Reported per level: aggregate output tok/s, TTFT p50, inter-token latency p50,
+request latency p50/p99, errors. Baseline: plain `model.generate`, one request after another,
+on the same checkpoint and dtype, measured before, between and after the levels.
+Embeddings: 64 concurrent single-text requests against offline `encode(batch_size=32)` and
+one-by-one `encode` on the same texts, rounds interleaved.
+Roofline: measured memory bandwidth ÷ weight bytes = the batch-1 decode ceiling.
+
+Writes OUT/sweep.md (table), OUT/sweep.json (raw numbers) and PNG plots; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from benchmarks.overhead import (
+    CHAT_MODEL,
+    DEFAULT_OUT,
+    EMBEDDING_MODEL,
+    Machine,
+    Progress,
+    describe_machine,
+    free_port,
+    load_chat_baseline,
+    load_embedding_baseline,
+    make_sentences,
+    memory_bandwidth,
+    start_server,
+    stop_server,
+    wait_until_ready,
+)
+from engine.registry import Registry
+from engine.settings import load_settings
+from models.chat import TransformersChat
+
+TOPICS = ["a lighthouse", "the moon", "a bakery", "an old map", "a robot", "the ocean",
+          "a mountain village", "a train station", "a library", "a garden"]
+
+
+@dataclass
+class RequestTiming:
+    ttft_s: float
+    latency_s: float
+    tokens: int
+    gaps_s: list[float]
+
+
+@dataclass
+class Level:
+    concurrency: int
+    wall_s: float
+    timings: list[RequestTiming]
+    errors: int
+
+    @property
+    def tok_s(self) -> float:
+        return sum(t.tokens for t in self.timings) / self.wall_s
+
+    def percentile(self, attribute: str, q: float) -> float:
+        values = sorted(getattr(t, attribute) for t in self.timings)
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else 0.0
+
+    @property
+    def itl_p50_s(self) -> float:
+        gaps = [g for t in self.timings for g in t.gaps_s]
+        return statistics.median(gaps) if gaps else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Per-stream decode rate (prefill excluded), median over requests."""
+        rates = [(t.tokens - 1) / sum(t.gaps_s) for t in self.timings if sum(t.gaps_s) > 0]
+        return statistics.median(rates) if rates else 0.0
+
+
+@dataclass
+class SweepReport:
+    machine: Machine
+    tokens: int
+    requests_per_client: int
+    levels: list[Level] = field(default_factory=list)
+    baseline_tok_s: list[float] = field(default_factory=list)
+    bandwidth_bytes_s: float = 0.0
+    weight_bytes: int = 0
+    embed_per_s: dict[str, list[float]] = field(default_factory=dict)
+
+
+# -- chat ----------------------------------------------------------------------------------
+
+
+def chat_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
+    return {"model": CHAT_MODEL, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": tokens, "temperature": 0.7, "seed": seed, "ignore_eos": True,
+            "stream": True}
+
+
+async def stream_one(client: httpx.AsyncClient, prompt: str, tokens: int, seed: int
+                     ) -> RequestTiming:
+    started = time.perf_counter()
+    times: list[float] = []
+    async with client.stream("POST", "/v1/chat/completions",
+                             json=chat_body(prompt, tokens, seed)) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            frame = json.loads(line[6:])
+            if "error" in frame:
+                raise RuntimeError(frame["error"]["message"])
+            if any(c.get("delta", {}).get("content") for c in frame.get("choices", [])):
+                times.append(time.perf_counter())
+    if not times:
+        raise RuntimeError("no tokens streamed")
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return RequestTiming(times[0] - started, time.perf_counter() - started, tokens, gaps)
+
+
+async def run_level(base_url: str, concurrency: int, requests: int, tokens: int) -> Level:
+    timings: list[RequestTiming] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency + 4)
+
+    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
+        nonlocal errors
+        for r in range(requests):
+            topic = TOPICS[(index + r) % len(TOPICS)]
+            try:
+                timings.append(await stream_one(
+                    client, f"Tell me a story about {topic} (#{index}.{r}).", tokens,
+                    seed=index * 100 + r))
+            except (httpx.HTTPError, RuntimeError):
+                errors += 1
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, i) for i in range(concurrency)))
+        wall = time.perf_counter() - started
+    return Level(concurrency, wall, timings, errors)
+
+
+def baseline_generate(adapter: TransformersChat, tokens: int, requests: int) -> float:
+    """Plain `generate`, one request after another: output tok/s including prefill."""
+    started = time.perf_counter()
+    for r in range(requests):
+        prompt = f"Tell me a story about {TOPICS[r % len(TOPICS)]} (#0.{r})."
+        text = adapter.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        inputs = adapter.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            adapter.model.generate(
+                inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=tokens,
+                min_new_tokens=tokens, do_sample=True, temperature=0.7,
+            )
+    return tokens * requests / (time.perf_counter() - started)
+
+
+# -- embeddings ----------------------------------------------------------------------------
+
+
+async def concurrent_single_embeds(base_url: str, texts: list[str], concurrency: int) -> float:
+    queue = list(reversed(texts))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue:
+            text = queue.pop()
+            response = await client.post(
+                "/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": text})
+            response.raise_for_status()
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return len(texts) / (time.perf_counter() - started)
+
+
+def timed_encode(model: Any, texts: list[str], batch_size: int) -> float:
+    started = time.perf_counter()
+    if batch_size == 1:
+        for text in texts:
+            model.encode([text], normalize_embeddings=True)
+    else:
+        model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    return len(texts) / (time.perf_counter() - started)
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def level_row(level: Level, single: Level, baseline: float) -> str:
+    return (f"| {level.concurrency} | {level.tok_s:.1f} | {level.tok_s / single.tok_s:.2f}x | "
+            f"{level.tok_s / baseline:.2f}x | {level.percentile('ttft_s', 0.5) * 1000:.0f} | "
+            f"{level.itl_p50_s * 1000:.0f} | {level.percentile('latency_s', 0.5):.2f} | "
+            f"{level.percentile('latency_s', 0.99):.2f} | {level.errors} |")
+
+
+def targets(report: SweepReport) -> list[tuple[str, float, float]]:
+    """(what, measured ratio, goal) for each goal of the throughput issue."""
+    by_c = {level.concurrency: level for level in report.levels}
+    single = by_c[1]
+    baseline = statistics.median(report.baseline_tok_s)
+    goals = [("chat 1 client vs plain generate (output tok/s)", single.tok_s / baseline, 0.9)]
+    if 16 in by_c:
+        goals.append(("chat 16 clients vs 1 client (aggregate tok/s)",
+                      by_c[16].tok_s / single.tok_s, 6.0))
+        goals.append(("chat TTFT p50 at 16 ÷ at 1 (lower is better; goal ≤ 3)",
+                      by_c[16].percentile("ttft_s", 0.5) / single.percentile("ttft_s", 0.5), 3.0))
+    emb = {k: statistics.median(v) for k, v in report.embed_per_s.items()}
+    goals.append(("embeddings 64 concurrent HTTP vs offline encode(batch 32)",
+                  emb["http_64_concurrent"] / emb["offline_batch_32"], 0.8))
+    return goals
+
+
+def render(report: SweepReport) -> str:
+    m = report.machine
+    single = next(level for level in report.levels if level.concurrency == 1)
+    baseline = statistics.median(report.baseline_tok_s)
+    roofline = report.bandwidth_bytes_s / report.weight_bytes
+    emb = {k: statistics.median(v) for k, v in report.embed_per_s.items()}
+    lines = [
+        "# ember throughput sweep", "",
+        f"{m.date} · ember {m.ember_commit} · {m.cpu}, {m.cores} cores · torch {m.torch} · "
+        f"{m.threads} threads · {m.dtype} on {m.device} · {report.tokens} tokens per request, "
+        f"{report.requests_per_client} requests per client", "",
+        f"Baseline, plain `generate` one request after another: {baseline:.1f} tok/s "
+        f"(median of {len(report.baseline_tok_s)}).", "",
+        "| clients | output tok/s | vs 1 client | vs generate | TTFT p50 ms | ITL p50 ms | "
+        "latency p50 s | latency p99 s | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(level_row(level, single, baseline) for level in report.levels), "",
+        f"Roofline (batch-1 decode): {report.bandwidth_bytes_s / 1e9:.1f} GB/s ÷ "
+        f"{report.weight_bytes / 2**20:.0f} MiB weights = {roofline:.1f} tok/s; ember at 1 "
+        f"client decodes {single.decode_tok_s:.1f} tok/s = {single.decode_tok_s / roofline:.2f} "
+        "of it.", "",
+        "| embeddings | sentences/s | ratio to offline batch 32 |", "|---|---|---|",
+        *(f"| {name} | {value:.1f} | {value / emb['offline_batch_32']:.2f}x |"
+          for name, value in emb.items()), "",
+        "| goal | measured | target | met |", "|---|---|---|---|",
+    ]
+    for what, value, goal in targets(report):
+        met = value <= goal if "lower is better" in what else value >= goal
+        lines.append(f"| {what} | {value:.2f} | {goal} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: SweepReport, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [level.concurrency for level in report.levels]
+    charts = [
+        ("sweep_tok_s.png", "output tok/s", [level.tok_s for level in report.levels]),
+        ("sweep_p99.png", "request latency p99 (s)",
+         [level.percentile("latency_s", 0.99) for level in report.levels]),
+        ("sweep_ttft.png", "TTFT p50 (ms)",
+         [level.percentile("ttft_s", 0.5) * 1000 for level in report.levels]),
+    ]
+    paths = []
+    for name, label, ys in charts:
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot(xs, ys, marker="o")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=110)
+        plt.close(figure)
+        paths.append(out / name)
+    return paths
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: Any) -> SweepReport:
+    settings = load_settings(preload=[])
+    registry = Registry.from_settings(settings)
+    torch.set_num_threads(args.threads)
+    progress.step("loading the baseline models in this process")
+    adapter = load_chat_baseline(settings, registry)
+    embedder = load_embedding_baseline(settings, registry)
+    report = SweepReport(
+        describe_machine(args.threads, adapter.context.dtype, adapter.context.device),
+        args.tokens, args.requests)
+    report.weight_bytes = adapter.memory_bytes()
+    report.bandwidth_bytes_s = memory_bandwidth()
+    baseline_requests = 2 if args.quick else 3
+
+    def run_baseline(when: str) -> None:
+        progress.step(f"baseline generate ({when})")
+        report.baseline_tok_s.append(baseline_generate(adapter, args.tokens, baseline_requests))
+        print(f"        {report.baseline_tok_s[-1]:.1f} tok/s", file=sys.stderr, flush=True)
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = start_server(port, args.threads, log_file)
+    try:
+        with httpx.Client(base_url=base_url) as client:
+            progress.step("starting ember serve")
+            wait_until_ready(client, server, log)
+        run_baseline("before")
+        middle = len(args.concurrency) // 2
+        for index, concurrency in enumerate(args.concurrency):
+            progress.step(f"chat at {concurrency} concurrent clients")
+            level = asyncio.run(run_level(base_url, concurrency, args.requests, args.tokens))
+            report.levels.append(level)
+            print(f"        {level.tok_s:.1f} tok/s, TTFT p50 "
+                  f"{level.percentile('ttft_s', 0.5) * 1000:.0f} ms, errors {level.errors}",
+                  file=sys.stderr, flush=True)
+            if index == middle:
+                run_baseline("between levels")
+        run_baseline("after")
+        texts = make_sentences(128 if args.quick else 256, seed=1)
+        timed_encode(embedder, texts[:32], 32)  # warm up
+        for round_index in range(2 if args.quick else 3):
+            progress.step(f"embeddings round {round_index + 1}")
+            for name, run in (
+                ("offline_batch_32", lambda: timed_encode(embedder, texts, 32)),
+                ("offline_one_by_one", lambda: timed_encode(embedder, texts, 1)),
+                ("http_64_concurrent",
+                 lambda: asyncio.run(concurrent_single_embeds(base_url, texts, 64))),
+            ):
+                report.embed_per_s.setdefault(name, []).append(run())
+    finally:
+        stop_server(server)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer levels, requests, tokens")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--tokens", type=int)
+    parser.add_argument("--requests", type=int, help="requests per client at each level")
+    args = parser.parse_args(argv)
+    args.concurrency = args.concurrency or ([1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32])
+    if 1 not in args.concurrency:
+        args.concurrency = [1, *args.concurrency]
+    args.tokens = args.tokens or (32 if args.quick else 64)
+    args.requests = args.requests or (2 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(total=4 + len(args.concurrency) + (2 if args.quick else 3))
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch) / "server.log"
+        with log.open("w") as log_file:
+            report = measure(args, progress, log, log_file)
+    table = render(report)
+    print(table)
+    (args.out / "sweep.md").write_text(table)
+    (args.out / "sweep.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    for path in plot(report, args.out):
+        print(f"plot: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
