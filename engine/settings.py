@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         32768, gt=0, description="chat KV-cache budget per model (batch rows x cached length)"
     )
     prefill_chunk_tokens: int = Field(
-        256, gt=0, description="prompt tokens prefilled per scheduler step; longer ones are chunked"
+        512, gt=0, description="prompt tokens prefilled per scheduler step; longer ones are chunked"
     )
     max_embedding_inputs: int = Field(2048, gt=0)
     max_n: int = Field(8, gt=0, description="largest `n` a chat/completion request may ask for")
