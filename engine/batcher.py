@@ -1,8 +1,9 @@
 """One generic dynamic batcher for every capability that batches well (embeddings now; rerank,
 moderation, speech and images later).
 
-Callers submit items and await a future each. One compute thread takes the queue as it finds
-it: it waits up to `max_wait_ms` for a batch to fill, orders the items by size so a batch pads
+Callers submit items and await a future each. On the engine's shared compute thread, a step
+takes the queue as it finds it: once a batch is full or its oldest item has waited
+`max_wait_ms`, it orders the items by size so a batch pads
 little, runs `max_batch_size` at a time through the batch function, and resolves each future
 with its own result. A full queue answers `OverloadedError` (429 + Retry-After), an item whose
 deadline passes while queued gets `DeadlineExceededError` (504), and a caller that goes away
@@ -14,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from engine.compute import ComputeThread
 from engine.errors import DeadlineExceededError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class _Item(Generic[In]):
     future: asyncio.Future[Any] = field(compare=False)
     loop: asyncio.AbstractEventLoop = field(compare=False)
     deadline: float = field(compare=False)
+    enqueued: float = field(compare=False, default_factory=time.monotonic)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -54,6 +56,7 @@ class Batcher(Generic[In, Out]):
         self,
         name: str,
         batch_fn: Callable[[list[In]], Sequence[Out]],
+        compute: ComputeThread,
         *,
         max_batch_size: int,
         max_wait_ms: float,
@@ -69,13 +72,12 @@ class Batcher(Generic[In, Out]):
         self._size_of = size_of
         self._timeout_s = timeout_s
         self._queue: list[_Item[In]] = []
-        self._cond = threading.Condition()
+        self._compute = compute
+        self._cond = compute.cond
         self._seq = 0
-        self._closed = False
         self.batches_run = 0
         self._in_flight = 0
-        self._thread = threading.Thread(target=self._run, name=f"ember-batch-{name}", daemon=True)
-        self._thread.start()
+        compute.add(self)
 
     @property
     def pending(self) -> int:
@@ -122,48 +124,43 @@ class Batcher(Generic[In, Out]):
                 item.future.cancel()
 
     def shutdown(self) -> None:
+        self._compute.remove(self)
         with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=5)
+            left, self._queue = self._queue, []
+        for item in left:
+            self._resolve(item, error=RuntimeError(f"{self.name!r} was unloaded"))
 
     # -- the compute thread ------------------------------------------------------------------
 
-    def _take_batch(self) -> list[_Item[In]] | None:
+    def ready_in(self, now: float) -> float | None:
+        """Ready when a batch is full or its oldest item has waited `max_wait_ms`."""
+        if not self._queue:
+            return None
+        if len(self._queue) >= self.max_batch_size:
+            return 0
+        return max(0.0, self._queue[0].enqueued + self.max_wait_s - now)
+
+    def step(self) -> None:
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            # Let a batch fill, unless it is already full.
-            fill_until = time.monotonic() + self.max_wait_s
-            while len(self._queue) < self.max_batch_size and not self._closed:
-                remaining = fill_until - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
             # Oldest first decides which items go now; within the batch, order by size.
-            batch = self._queue[: self.max_batch_size]
+            batch = sorted(self._queue[: self.max_batch_size])
             del self._queue[: len(batch)]
             self._in_flight = len(batch)
-        return sorted(batch)
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.cancelled():
+                continue
+            if now > item.deadline:
+                self._resolve(item, error=DeadlineExceededError(
+                    f"{self.name!r}: the request waited past its deadline in the queue"))
+                continue
+            live.append(item)
+        if live:
+            self._run_batch(live)
+        self._in_flight = 0
 
-    def _run(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item.future.cancelled():
-                    continue
-                if now > item.deadline:
-                    self._resolve(item, error=DeadlineExceededError(
-                        f"{self.name!r}: the request waited past its deadline in the queue"))
-                    continue
-                live.append(item)
-            self._compute(live)
-            self._in_flight = 0
-
-    def _compute(self, items: list[_Item[In]]) -> None:
+    def _run_batch(self, items: list[_Item[In]]) -> None:
         try:
             results = self._batch_fn([item.payload for item in items])
             self.batches_run += 1
@@ -177,8 +174,8 @@ class Batcher(Generic[In, Out]):
                 return
             log.warning("%s: out of memory on a batch of %d; splitting", self.name, len(items))
             half = len(items) // 2
-            self._compute(items[:half])
-            self._compute(items[half:])
+            self._run_batch(items[:half])
+            self._run_batch(items[half:])
             return
         for item, result in zip(items, results, strict=True):
             self._resolve(item, result=result)

@@ -3,7 +3,9 @@ leases them to requests, unloads idle ones after a TTL and evicts least-recently
 stay inside a memory budget.
 
 Concurrency: all bookkeeping (states, lease counts, futures) happens on the event loop thread,
-so it needs no locks; only the blocking load/unload calls run on a loader thread. A lease is
+so it needs no locks. Loads and unloads run one at a time, each on a short-lived thread (a
+thread that ran torch keeps an OpenMP pool; see engine/compute.py); inference runs on the one
+compute thread. A lease is
 taken *before* awaiting a load so that eviction, which skips leased slots, can never unload
 a model between its load finishing and its caller using it.
 """
@@ -13,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from engine import metrics
+from engine.compute import ComputeThread
 from engine.devices import resolve_device, resolve_dtype
 from engine.errors import (
     ConflictError,
@@ -38,6 +41,7 @@ from models.base import LoadContext, ModelAdapter
 log = logging.getLogger(__name__)
 
 AdapterFactory = Callable[[ModelEntry, LoadContext], ModelAdapter]
+T = TypeVar("T")
 
 
 class ModelState(StrEnum):
@@ -59,6 +63,31 @@ def import_adapter(entry: ModelEntry, context: LoadContext) -> ModelAdapter:
         ) from exc
     adapter: ModelAdapter = cls(entry, context)
     return adapter
+
+
+async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call on a new thread that ends with it (see the module docstring)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+    def target() -> None:
+        try:
+            value = fn(*args)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=target, name=f"ember-{fn.__name__}", daemon=True).start()
+    return await future
 
 
 @dataclass
@@ -113,8 +142,9 @@ class ModelManager:
         self.registry = registry
         self._factory = adapter_factory
         self._slots: dict[str, ModelSlot] = {e.id: ModelSlot(e) for e in registry.entries()}
-        # One loader thread: loads are memory-heavy, and serializing them keeps the budget honest.
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-loader")
+        # Loads are memory-heavy: one at a time keeps the budget honest.
+        self._loading_lock = asyncio.Lock()
+        self.compute = ComputeThread()
         self._reaper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -130,7 +160,7 @@ class ModelManager:
         for slot in self._slots.values():
             if slot.state is ModelState.READY:
                 await self._unload(slot)
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self.compute.close()
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -181,13 +211,12 @@ class ModelManager:
             context = LoadContext(device=device, dtype=dtype, models_dir=self.settings.models_dir)
             log.info("loading %s (%s) on %s as %s ...", entry.id, entry.task, device, dtype)
             started = time.perf_counter()
-            adapter = await asyncio.get_running_loop().run_in_executor(
-                self._loader, self._load_blocking, entry, context
-            )
+            async with self._loading_lock:
+                adapter = await run_in_fresh_thread(self._load_blocking, entry, context)
             slot.load_seconds = time.perf_counter() - started
             slot.adapter, slot.memory_bytes = adapter, adapter.memory_bytes()
             slot.device, slot.dtype = device, str(dtype).removeprefix("torch.")
-            slot.worker = make_runner(entry, adapter, self.settings)
+            slot.worker = make_runner(entry, adapter, self.settings, self.compute)
             slot.state = ModelState.READY
             metrics.MODEL_LOADED.labels(entry.id).set(1)
             metrics.MODEL_LOAD_SECONDS.labels(entry.id).set(slot.load_seconds)
@@ -216,11 +245,10 @@ class ModelManager:
         adapter, worker = slot.adapter, slot.worker
         slot.adapter, slot.worker, slot.state = None, None, ModelState.AVAILABLE
         metrics.MODEL_LOADED.labels(slot.entry.id).set(0)
-        loop = asyncio.get_running_loop()
-        if worker is not None:  # joins the runner's thread: off the event loop
-            await loop.run_in_executor(self._loader, worker.shutdown)
+        if worker is not None:
+            worker.shutdown()
         if adapter is not None:
-            await loop.run_in_executor(self._loader, adapter.unload)
+            await run_in_fresh_thread(adapter.unload)
         log.info("unloaded %s", slot.entry.id)
 
     # -- memory budget and idle TTL ----------------------------------------------------------

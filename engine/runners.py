@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from engine.batcher import Batcher
+from engine.compute import ComputeThread
 from engine.registry import ModelEntry
 from engine.scheduler import ChatScheduler
 from engine.settings import Settings
@@ -21,18 +22,20 @@ class Runner(Protocol):
     def shutdown(self) -> None: ...
 
 
-def make_runner(entry: ModelEntry, adapter: Any, settings: Settings) -> Runner:
+def make_runner(
+    entry: ModelEntry, adapter: Any, settings: Settings, compute: ComputeThread
+) -> Runner:
     limits = entry.limits
     max_queue = limits.max_queue or settings.max_queue_per_model
     if entry.task == "chat":
         return ChatScheduler(
-            adapter, entry.id, max_batch_size=limits.max_batch_size, max_queue=max_queue,
+            adapter, entry.id, compute, max_batch_size=limits.max_batch_size, max_queue=max_queue,
             kv_cache_tokens=limits.kv_cache_tokens or settings.kv_cache_tokens,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             timeout_s=settings.request_timeout_s,
         )
     return Batcher(
-        entry.id, adapter.batch, max_batch_size=limits.max_batch_size,
+        entry.id, adapter.batch, compute, max_batch_size=limits.max_batch_size,
         max_wait_ms=limits.max_wait_ms, max_queue=max_queue, size_of=adapter.size_of,
         timeout_s=settings.request_timeout_s,
     )

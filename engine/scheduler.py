@@ -1,13 +1,14 @@
 """Iteration-level continuous batching for one chat model.
 
-One scheduler thread runs a loop: admit waiting requests while the batch has room (rows and a
-KV-token budget), prefill them (several short prompts in one forward; a long prompt in chunks
+Each step, run on the engine's shared compute thread: admit waiting requests while the batch
+has room (rows and a KV-token budget), prefill them (several short prompts in one forward; a long prompt in chunks
 across iterations, so running streams keep flowing), let them join the running batch, then run
 one decode step for every row. Finished rows leave at once; a cancelled request (client gone)
 leaves at the next step. Each request streams its own events through its `emit` callback.
 
-Lock order: `_cond` guards only the waiting queue and counters shared with submitters; the
-batch itself (cache, mask, rows) belongs to the scheduler thread alone.
+Locking: `_cond` (the compute thread's condition) guards the waiting queue and counters shared
+with submitters; the batch itself (cache, mask, rows) is touched only inside `step`, which
+only the compute thread runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from engine.compute import ComputeThread
 from engine.errors import DeadlineExceededError, OverloadedError
 from engine.types import GenerationEvent, SamplingParams, Usage
 from models.chat import PreparedPrompt, SequenceState, TransformersChat
@@ -65,6 +67,7 @@ class ChatScheduler:
         self,
         adapter: TransformersChat,
         name: str,
+        compute: ComputeThread,
         *,
         max_batch_size: int,
         max_queue: int,
@@ -80,17 +83,16 @@ class ChatScheduler:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.timeout_s = timeout_s
         self._waiting: deque[ChatJob] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
+        self._compute = compute
+        self._cond = compute.cond
         self._running_jobs = 0  # admitted and not finished; read by submitters under _cond
-        # Scheduler-thread state:
+        # Compute-thread state:
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._chunked: _ChunkedPrefill | None = None
         self.steps = 0
-        self._thread = threading.Thread(target=self._loop, name=f"ember-chat-{name}", daemon=True)
-        self._thread.start()
+        compute.add(self)
 
     # -- submitters (any thread) -------------------------------------------------------------
 
@@ -128,30 +130,32 @@ class ChatScheduler:
         return job.future
 
     def shutdown(self) -> None:
+        """Leave the compute thread; anything still queued fails (the manager unloads a
+        model only when no request holds it, so normally nothing is)."""
+        self._compute.remove(self)
         with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=10)
+            waiting, self._waiting = list(self._waiting), deque()
+        gone = RuntimeError(f"{self.name!r} was unloaded")
+        for job in waiting:
+            job.future.set_exception(gone)
+        self._fail_everything(gone, [])
 
-    # -- the scheduler thread ----------------------------------------------------------------
+    # -- the compute thread ------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._waiting or self._rows or self._chunked or self._closed):
-                    self._cond.wait()
-                if self._closed:
-                    break
-                admitted = self._admit()
-            try:
-                self._drop_cancelled()
-                self._prefill(admitted)
-                if self._rows:
-                    self._decode_step()
-            except Exception as exc:  # a broken step fails its requests, never the server
-                log.exception("%s: decode step failed", self.name)
-                self._fail_everything(exc, admitted)
-        self._fail_everything(RuntimeError(f"{self.name!r} was unloaded"), [])
+    def ready_in(self, now: float) -> float | None:
+        return 0 if (self._waiting or self._rows or self._chunked) else None
+
+    def step(self) -> None:
+        with self._cond:
+            admitted = self._admit()
+        try:
+            self._drop_cancelled()
+            self._prefill(admitted)
+            if self._rows:
+                self._decode_step()
+        except Exception as exc:  # a broken step fails its requests, never the server
+            log.exception("%s: decode step failed", self.name)
+            self._fail_everything(exc, admitted)
 
     def _admit(self) -> list[ChatJob]:
         """Under `_cond`: take waiting jobs while rows, KV budget and the prefill chunk allow."""
@@ -294,8 +298,3 @@ class ChatScheduler:
         self._rows, self._cache, self._mask, self._chunked = [], None, None, None
         for job in jobs.values():
             self._complete(job, error)
-        if self._closed:
-            with self._cond:
-                waiting, self._waiting = list(self._waiting), deque()
-            for job in waiting:
-                job.future.set_exception(error)

@@ -11,12 +11,15 @@ from typing import Any
 import pytest
 
 from engine.batcher import Batcher
+from engine.compute import ComputeThread
 from engine.errors import DeadlineExceededError, OverloadedError
+
+COMPUTE = ComputeThread("test-compute")
 
 
 def make(batch_fn: Callable[[list[str]], list[str]], **kwargs: Any) -> Batcher[str, str]:
     options = {"max_batch_size": 8, "max_wait_ms": 20, "max_queue": 64, **kwargs}
-    return Batcher("test", batch_fn, size_of=len, **options)
+    return Batcher("test", batch_fn, COMPUTE, size_of=len, **options)
 
 
 async def test_concurrent_items_share_batches_and_keep_their_order() -> None:
