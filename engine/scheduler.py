@@ -1,8 +1,8 @@
 """Iteration-level continuous batching for one chat model.
 
 Each step, run on the engine's shared compute thread: admit waiting requests while the batch
-has room (rows and a KV-token budget), prefill them (several short prompts in one forward; a long prompt in chunks
-across iterations, so running streams keep flowing), let them join the running batch, then run
+has room (rows and a KV-token budget), prefill them (several short prompts in one forward; a
+long prompt in chunks across iterations, so running streams keep flowing), let them join the running batch, then run
 one decode step for every row. Finished rows leave at once; a cancelled request (client gone)
 leaves at the next step. Each request streams its own events through its `emit` callback.
 
