@@ -4,7 +4,8 @@ Each step, run on the engine's shared compute thread: admit waiting requests whi
 has room (rows and a KV-token budget), prefill them (several short prompts in one forward; a
 long prompt in chunks across steps, so running streams keep flowing), let them join the
 running batch, then run one decode step for every row. Finished rows leave at once; a
-cancelled request (client gone) leaves at the next step. Each request streams its own events through its `emit` callback.
+cancelled request (client gone) leaves at the next step. Each request streams its own events
+through its `emit` callback.
 
 Locking: `_cond` (the compute thread's condition) guards the waiting queue and counters shared
 with submitters; the batch itself (cache, mask, rows) is touched only inside `step`, which
