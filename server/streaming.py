@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 from fastapi.responses import StreamingResponse
 
 from engine.errors import EmberError
+from server.responses import dumps
 
 log = logging.getLogger("ember.http")
 T = TypeVar("T")
@@ -38,17 +38,17 @@ async def prime(events: AsyncIterator[T]) -> AsyncIterator[T]:
 def sse_response(
     frames: AsyncIterator[dict[str, Any]], envelope: Callable[[EmberError], dict[str, Any]]
 ) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[bytes]:
         # aclosing: a client that disconnects cancels this generator, and closing `frames`
         # propagates down to the engine, which stops decoding at its next step.
         async with aclosing(frames):  # type: ignore[type-var]
             try:
                 async for frame in frames:
-                    yield f"data: {json.dumps(frame, ensure_ascii=False)}\n\n"
+                    yield b"data: " + dumps(frame) + b"\n\n"
             except EmberError as error:
                 log.warning("stream ended with %s: %s", error.code, error.message)
-                yield f"data: {json.dumps(envelope(error))}\n\n"
-        yield "data: [DONE]\n\n"
+                yield b"data: " + dumps(envelope(error)) + b"\n\n"
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(
         body(),

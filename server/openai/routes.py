@@ -23,6 +23,7 @@ from server.openai.schemas import (
     LoadRequest,
     WireModel,
 )
+from server.responses import JSON
 from server.streaming import prime, sse_response
 
 log = logging.getLogger("ember.http")
@@ -42,7 +43,7 @@ async def chat_completions(
     gen = translate.chat_request(body)
     if not body.stream:
         result = await engine.generate(gen)
-        return translate.chat_response(body.model, gen.request_id, result)
+        return JSON(translate.chat_response(body.model, gen.request_id, result))
     events = await prime(engine.stream(gen))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     frames = _chat_frames(body.model, gen.request_id, body.n, include_usage, events)
@@ -81,7 +82,7 @@ async def completions(
     request_id = gens[0].request_id
     if not body.stream:
         results = [await engine.generate(gen) for gen in gens]
-        return translate.completion_response(body.model, request_id, results)
+        return JSON(translate.completion_response(body.model, request_id, results))
     first = await prime(engine.stream(gens[0]))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     frames = _completion_frames(body, request_id, include_usage, first, engine, gens[1:])
@@ -119,7 +120,7 @@ async def embeddings(
 ) -> Any:
     _note_unknown(body, request)
     result = await engine.embed(translate.embedding_request(body))
-    return translate.embedding_response(body.model, result, body.encoding_format)
+    return JSON(translate.embedding_response(body.model, result, body.encoding_format))
 
 
 def _model_json(status: ModelStatus) -> dict[str, Any]:

@@ -203,7 +203,7 @@ def embedding_response(
             "index": i,
             "embedding": (
                 base64.b64encode(vector.tobytes()).decode("ascii")
-                if encoding_format == "base64" else vector.tolist()
+                if encoding_format == "base64" else vector
             ),
         }
         for i, vector in enumerate(vectors)
