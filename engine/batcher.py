@@ -140,11 +140,21 @@ class Batcher(Generic[In, Out]):
             return 0
         return max(0.0, self._queue[0].enqueued + self.max_wait_s - now)
 
+    def _choose_batch(self) -> list[_Item[In]]:
+        """Under `_cond`: the oldest item, plus the items closest in size among the next few
+        batches' worth, sorted by size, so a batch pads little (as `encode` does when it sorts
+        a whole input) while the head of the queue always goes."""
+        window = self._queue[: self.max_batch_size * 4]
+        oldest = window[0]
+        nearest = sorted(window[1:], key=lambda item: (abs(item.size - oldest.size), item.seq))
+        batch = sorted([oldest, *nearest[: self.max_batch_size - 1]])
+        chosen = {id(item) for item in batch}
+        self._queue = [item for item in self._queue if id(item) not in chosen]
+        return batch
+
     def step(self) -> None:
         with self._cond:
-            # Oldest first decides which items go now; within the batch, order by size.
-            batch = sorted(self._queue[: self.max_batch_size])
-            del self._queue[: len(batch)]
+            batch = self._choose_batch()
             self._in_flight = len(batch)
         now = time.monotonic()
         live = []

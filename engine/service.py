@@ -1,5 +1,6 @@
 """The in-process engine: the one implementation of each capability, which every dialect's
-routes call. Async at the edge; compute runs on each model's worker thread."""
+routes call. Async at the edge; inference runs on the shared compute thread, through each
+model's runner (the chat scheduler, the batcher)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ class Engine:
         self.manager = manager or ModelManager(settings, self.registry)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-
         self._preloading: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -102,7 +102,7 @@ class Engine:
         """
         self._check_generation(request)
         async with self.manager.lease(request.model, "chat") as slot:
-            adapter, worker = slot.adapter, slot.runner
+            adapter, runner = slot.adapter, slot.runner
             prepared = await asyncio.to_thread(adapter.prepare, request)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -111,9 +111,9 @@ class Engine:
             def emit(event: GenerationEvent) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-            future = worker.submit(prepared, request.params, emit, cancelled)
+            future = runner.submit(prepared, request.params, emit, cancelled)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _DONE))
-            metrics.QUEUE_DEPTH.labels(slot.entry.id).set(worker.pending)
+            metrics.QUEUE_DEPTH.labels(slot.entry.id).set(runner.pending)
             try:
                 if request.echo:
                     for index in range(request.params.n):
@@ -126,10 +126,10 @@ class Engine:
                 yield usage
             finally:
                 cancelled.set()
-                # Hold the lease until the worker has really stopped using the model.
+                # Hold the lease until the runner has really stopped using the model.
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(asyncio.wrap_future(future))
-                metrics.QUEUE_DEPTH.labels(slot.entry.id).set(worker.pending)
+                metrics.QUEUE_DEPTH.labels(slot.entry.id).set(runner.pending)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         choices = [Choice(index=i) for i in range(request.params.n)]

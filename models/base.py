@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from engine.devices import release_device_memory
 from engine.registry import ModelEntry
@@ -21,6 +22,20 @@ class LoadContext:
     device: str
     dtype: torch.dtype
     models_dir: Path
+
+
+def thread_safe_encoder(tokenizer: Any) -> Tokenizer:
+    """A private copy of a fast tokenizer's Rust tokenizer with padding and truncation off.
+
+    The transformers wrapper re-configures padding/truncation on its shared Rust tokenizer per
+    call, so encoding on request threads while the compute thread encodes a batch races
+    ("expected sequence of length 31 ... got 32"). This copy is never re-configured, and
+    encoding with it only reads it.
+    """
+    encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    encoder.no_padding()
+    encoder.no_truncation()
+    return encoder
 
 
 class ModelAdapter:

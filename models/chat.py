@@ -30,7 +30,7 @@ from engine.types import (
     SamplingParams,
     TextDelta,
 )
-from models.base import ModelAdapter
+from models.base import ModelAdapter, thread_safe_encoder
 from models.chat_batching import KVBlock, positions_from_mask
 from models.decoding import (
     IncrementalDetokenizer,
@@ -99,6 +99,7 @@ class TransformersChat(ModelAdapter):
             or self.tokenizer.model_max_length
         )
         self.vocab_size = int(config.vocab_size)
+        self._encoder = thread_safe_encoder(self.tokenizer)
         self.eos_ids = self._eos_token_ids()
 
     def _eos_token_ids(self) -> set[int]:
@@ -140,7 +141,7 @@ class TransformersChat(ModelAdapter):
         return target
 
     def warmup(self) -> None:
-        block, logits = self.prefill([self.tokenizer("Hi").input_ids])
+        block, logits = self.prefill([self._encoder.encode("Hi").ids])
         self.decode(block.to_cache(), block.mask, logits.argmax(dim=-1))
 
     # -- requests ----------------------------------------------------------------------------
@@ -152,7 +153,7 @@ class TransformersChat(ModelAdapter):
             param = "messages"
         elif isinstance(request.prompt, str):
             text = request.prompt
-            ids = list(self.tokenizer(text).input_ids)
+            ids = self._encoder.encode(text, add_special_tokens=True).ids
             param = "prompt"
         else:
             ids = list(request.prompt or [])
@@ -192,7 +193,7 @@ class TransformersChat(ModelAdapter):
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
-        ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        ids = self._encoder.encode(text, add_special_tokens=False).ids
         return ids, text
 
     # -- batched decoding primitives, driven by engine.scheduler.ChatScheduler ---------------

@@ -11,7 +11,7 @@ from sentence_transformers import SentenceTransformer
 from engine.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
 from engine.sources import resolve_source
 from engine.types import EmbeddingRequest
-from models.base import ModelAdapter
+from models.base import ModelAdapter, thread_safe_encoder
 
 
 class SentenceTransformerEmbeddings(ModelAdapter):
@@ -34,6 +34,7 @@ class SentenceTransformerEmbeddings(ModelAdapter):
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
         self.model.eval()
         self.tokenizer: Any = self.model.tokenizer
+        self._encoder = thread_safe_encoder(self.tokenizer)
         self.dimensions = int(self.model.get_embedding_dimension() or 0)
         self.max_tokens = int(self.model.max_seq_length)
         self._special_prefix, self._special_suffix = self._special_tokens_around_text()
@@ -41,8 +42,8 @@ class SentenceTransformerEmbeddings(ModelAdapter):
     def _special_tokens_around_text(self) -> tuple[list[int], list[int]]:
         """The special tokens the tokenizer wraps any text in ([CLS] … [SEP] for BERT), found
         by encoding one word with and without them, so raw token-id inputs get the same."""
-        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        wrapped = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        bare = self._encoder.encode("a", add_special_tokens=False).ids
+        wrapped = self._encoder.encode("a", add_special_tokens=True).ids
         for start in range(len(wrapped) - len(bare) + 1):
             if wrapped[start:start + len(bare)] == bare:
                 return wrapped[:start], wrapped[start + len(bare):]
@@ -55,8 +56,8 @@ class SentenceTransformerEmbeddings(ModelAdapter):
         """Tokens per input, special tokens included; over the model's limit is a 400 (no
         silent truncation)."""
         if request.texts is not None:
-            encoded = self.tokenizer(request.texts, add_special_tokens=True)["input_ids"]
-            counts = [len(ids) for ids in encoded]
+            encoded = self._encoder.encode_batch(request.texts, add_special_tokens=True)
+            counts = [len(encoding.ids) for encoding in encoded]
         else:
             counts = [len(self._with_special_tokens(ids)) for ids in request.token_ids or []]
         for index, count in enumerate(counts):
