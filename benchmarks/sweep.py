@@ -5,8 +5,8 @@ baselines measured in the same run.
     ember bench sweep [--quick]
 
 Chat: at each concurrency C, C async clients each stream `--requests` chat completions one
-after another (`max_tokens` tokens, `ignore_eos`), so arrivals spread out as they would with
-real users. Reported per level: aggregate output tok/s, TTFT p50, inter-token latency p50,
+after another (`ignore_eos`, lengths spread evenly over 0.5-1.5x `--tokens`, so clients do not
+finish in lockstep and arrivals spread out as they would with real users). Reported per level: aggregate output tok/s, TTFT p50, inter-token latency p50,
 request latency p50/p99, errors. Baseline: plain `model.generate`, one request after another,
 on the same checkpoint and dtype, measured before, between and after the levels.
 Embeddings: 64 concurrent single-text requests against offline `encode(batch_size=32)` and
@@ -55,6 +55,12 @@ from models.chat import TransformersChat
 
 TOPICS = ["a lighthouse", "the moon", "a bakery", "an old map", "a robot", "the ocean",
           "a mountain village", "a train station", "a library", "a garden"]
+
+
+def request_tokens(tokens: int, client: int, request: int) -> int:
+    """Output length of one request: spread over 0.5-1.5x the mean, the same in every run."""
+    spread = (client * 7 + request * 3) % 11 / 10  # 0.0 .. 1.0
+    return max(2, round(tokens * (0.5 + spread)))
 
 
 @dataclass
@@ -145,8 +151,8 @@ async def run_level(base_url: str, concurrency: int, requests: int, tokens: int)
             topic = TOPICS[(index + r) % len(TOPICS)]
             try:
                 timings.append(await stream_one(
-                    client, f"Tell me a story about {topic} (#{index}.{r}).", tokens,
-                    seed=index * 100 + r))
+                    client, f"Tell me a story about {topic} (#{index}.{r}).",
+                    request_tokens(tokens, index, r), seed=index * 100 + r))
             except (httpx.HTTPError, RuntimeError):
                 errors += 1
 
@@ -160,17 +166,20 @@ async def run_level(base_url: str, concurrency: int, requests: int, tokens: int)
 def baseline_generate(adapter: TransformersChat, tokens: int, requests: int) -> float:
     """Plain `generate`, one request after another: output tok/s including prefill."""
     started = time.perf_counter()
+    total = 0
     for r in range(requests):
+        length = request_tokens(tokens, 0, r)
+        total += length
         prompt = f"Tell me a story about {TOPICS[r % len(TOPICS)]} (#0.{r})."
         text = adapter.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
         inputs = adapter.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             adapter.model.generate(
-                inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=tokens,
-                min_new_tokens=tokens, do_sample=True, temperature=0.7,
+                inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=length,
+                min_new_tokens=length, do_sample=True, temperature=0.7, top_k=0,
             )
-    return tokens * requests / (time.perf_counter() - started)
+    return total / (time.perf_counter() - started)
 
 
 # -- embeddings ----------------------------------------------------------------------------
