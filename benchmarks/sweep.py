@@ -6,8 +6,9 @@ baselines measured in the same run.
 
 Chat: at each concurrency C, C async clients each stream `--requests` chat completions one
 after another (`ignore_eos`, lengths spread evenly over 0.5-1.5x `--tokens`, so clients do not
-finish in lockstep and arrivals spread out as they would with real users). Reported per level: aggregate output tok/s, TTFT p50, inter-token latency p50,
-request latency p50/p99, errors. Baseline: plain `model.generate`, one request after another,
+finish in lockstep and arrivals spread out as they would with real users). Reported per
+level: aggregate output tok/s, TTFT p50, inter-token latency p50, request latency p50/p99,
+errors. Baseline: plain `model.generate`, one request after another,
 on the same checkpoint and dtype, measured before, between and after the levels.
 Embeddings: 64 concurrent single-text requests against offline `encode(batch_size=32)` and
 one-by-one `encode` on the same texts, rounds interleaved.
