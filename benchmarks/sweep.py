@@ -4,12 +4,13 @@ baselines measured in the same run.
     python -m benchmarks.sweep [--quick] [--out DIR] [--concurrency 1,2,4,8,16,32]
     ember bench sweep [--quick]
 
-Chat: at each concurrency C, C async clients each stream `--requests` chat completions one
-after another (`ignore_eos`, lengths spread evenly over 0.5-1.5x `--tokens`, so clients do not
-finish in lockstep and arrivals spread out as they would with real users). Reported per
-level: aggregate output tok/s, TTFT p50, inter-token latency p50, request latency p50/p99,
-errors. Baseline: plain `model.generate`, one request after another,
-on the same checkpoint and dtype, measured before, between and after the levels.
+Chat: at each concurrency C, C async clients (the lean benchmarks/loadgen.py) each stream
+`--requests` chat completions one after another (`ignore_eos`, lengths spread evenly over
+0.5-1.5x `--tokens`, so clients do not finish in lockstep and arrivals spread out as they
+would with real users). Reported per level: aggregate output tok/s, TTFT p50, inter-token
+latency p50, request latency p50/p99, errors. Baseline: plain `model.generate`, one request
+after another, on the same checkpoint and dtype, measured before, between and after the
+levels.
 Embeddings: 64 concurrent single-text requests against offline `encode(batch_size=32)` and
 one-by-one `encode` on the same texts, rounds interleaved.
 Roofline: measured memory bandwidth ÷ weight bytes = the batch-1 decode ceiling.
@@ -34,6 +35,7 @@ from typing import Any
 import httpx
 import torch
 
+from benchmarks.loadgen import Connection, HTTPError
 from benchmarks.overhead import (
     CHAT_MODEL,
     DEFAULT_OUT,
@@ -120,48 +122,44 @@ def chat_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
             "stream": True}
 
 
-async def stream_one(client: httpx.AsyncClient, prompt: str, tokens: int, seed: int
-                     ) -> RequestTiming:
+async def stream_one(conn: Connection, prompt: str, tokens: int, seed: int) -> RequestTiming:
     started = time.perf_counter()
     times: list[float] = []
-    async with client.stream("POST", "/v1/chat/completions",
-                             json=chat_body(prompt, tokens, seed)) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            frame = json.loads(line[6:])
-            if "error" in frame:
-                raise RuntimeError(frame["error"]["message"])
-            if any(c.get("delta", {}).get("content") for c in frame.get("choices", [])):
-                times.append(time.perf_counter())
+    async for frame in conn.stream_events("/v1/chat/completions",
+                                          chat_body(prompt, tokens, seed)):
+        if "error" in frame:
+            raise RuntimeError(frame["error"]["message"])
+        if any(c.get("delta", {}).get("content") for c in frame.get("choices", [])):
+            times.append(time.perf_counter())
     if not times:
         raise RuntimeError("no tokens streamed")
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return RequestTiming(times[0] - started, time.perf_counter() - started, tokens, gaps)
 
 
-async def run_level(base_url: str, concurrency: int, requests: int, tokens: int) -> Level:
+LOAD_ERRORS = (HTTPError, RuntimeError, OSError, asyncio.IncompleteReadError)
+
+
+async def run_level(port: int, concurrency: int, requests: int, tokens: int) -> Level:
     timings: list[RequestTiming] = []
     errors = 0
-    limits = httpx.Limits(max_connections=concurrency + 4)
 
-    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
+    async def client_loop(index: int) -> None:
         nonlocal errors
-        for r in range(requests):
-            topic = TOPICS[(index + r) % len(TOPICS)]
-            try:
-                timings.append(await stream_one(
-                    client, f"Tell me a story about {topic} (#{index}.{r}).",
-                    request_tokens(tokens, index, r), seed=index * 100 + r))
-            except (httpx.HTTPError, RuntimeError):
-                errors += 1
+        async with Connection("127.0.0.1", port) as conn:
+            for r in range(requests):
+                topic = TOPICS[(index + r) % len(TOPICS)]
+                try:
+                    timings.append(await stream_one(
+                        conn, f"Tell me a story about {topic} (#{index}.{r}).",
+                        request_tokens(tokens, index, r), seed=index * 100 + r))
+                except LOAD_ERRORS:
+                    errors += 1
+                    return  # the connection's state is unknown after an error
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, i) for i in range(concurrency)))
-        wall = time.perf_counter() - started
-    return Level(concurrency, wall, timings, errors)
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+    return Level(concurrency, time.perf_counter() - started, timings, errors)
 
 
 def baseline_generate(adapter: TransformersChat, tokens: int, requests: int) -> float:
@@ -186,21 +184,21 @@ def baseline_generate(adapter: TransformersChat, tokens: int, requests: int) -> 
 # -- embeddings ----------------------------------------------------------------------------
 
 
-async def concurrent_single_embeds(base_url: str, texts: list[str], concurrency: int) -> float:
+async def concurrent_single_embeds(port: int, texts: list[str], concurrency: int) -> float:
     queue = list(reversed(texts))
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while queue:
-            text = queue.pop()
-            response = await client.post(
-                "/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": text})
-            response.raise_for_status()
+    async def worker() -> None:
+        async with Connection("127.0.0.1", port) as conn:
+            while queue:
+                text = queue.pop()
+                reply = await conn.post_json(
+                    "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": text})
+                if len(reply["data"]) != 1:
+                    raise RuntimeError("wrong number of embeddings")
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        return len(texts) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(texts) / (time.perf_counter() - started)
 
 
 def timed_encode(model: Any, texts: list[str], batch_size: int) -> float:
@@ -335,7 +333,7 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
         middle = len(args.concurrency) // 2
         for index, concurrency in enumerate(args.concurrency):
             progress.step(f"chat at {concurrency} concurrent clients")
-            level = asyncio.run(run_level(base_url, concurrency, args.requests, args.tokens))
+            level = asyncio.run(run_level(port, concurrency, args.requests, args.tokens))
             report.levels.append(level)
             print(f"        {level.tok_s:.1f} tok/s, TTFT p50 "
                   f"{level.percentile('ttft_s', 0.5) * 1000:.0f} ms, errors {level.errors}",
@@ -351,7 +349,7 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
                 ("offline_batch_32", lambda: timed_encode(embedder, texts, 32)),
                 ("offline_one_by_one", lambda: timed_encode(embedder, texts, 1)),
                 ("http_64_concurrent",
-                 lambda: asyncio.run(concurrent_single_embeds(base_url, texts, 64))),
+                 lambda: asyncio.run(concurrent_single_embeds(port, texts, 64))),
             ):
                 report.embed_per_s.setdefault(name, []).append(run())
     finally:

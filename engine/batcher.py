@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from engine import metrics
 from engine.compute import ComputeThread
 from engine.errors import DeadlineExceededError, OverloadedError
 
@@ -38,6 +39,9 @@ class _Item(Generic[In]):
     loop: asyncio.AbstractEventLoop = field(compare=False)
     deadline: float = field(compare=False)
     enqueued: float = field(compare=False, default_factory=time.monotonic)
+
+
+_Outcome = tuple[_Item[In], Any, BaseException | None]  # item, result, error
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -157,38 +161,36 @@ class Batcher(Generic[In, Out]):
             batch = self._choose_batch()
             self._in_flight = len(batch)
         now = time.monotonic()
+        outcomes: list[_Outcome[In]] = []
         live = []
         for item in batch:
             if item.future.cancelled():
                 continue
             if now > item.deadline:
-                self._resolve(item, error=DeadlineExceededError(
-                    f"{self.name!r}: the request waited past its deadline in the queue"))
+                outcomes.append((item, None, DeadlineExceededError(
+                    f"{self.name!r}: the request waited past its deadline in the queue")))
                 continue
             live.append(item)
         if live:
-            self._run_batch(live)
+            metrics.BATCH_SIZE.labels(self.name).observe(len(live))
+            with metrics.BATCH_SECONDS.labels(self.name).time():
+                outcomes += self._run_batch(live)
+        # Not pending any more before any caller hears back, so a caller never sees itself.
         self._in_flight = 0
+        for item, result, error in outcomes:
+            self._resolve(item, result=result, error=error)
 
-    def _run_batch(self, items: list[_Item[In]]) -> None:
+    def _run_batch(self, items: list[_Item[In]]) -> list[_Outcome[In]]:
         try:
             results = self._batch_fn([item.payload for item in items])
             self.batches_run += 1
         except Exception as exc:
-            if not _is_out_of_memory(exc):  # every caller of the batch gets the error
-                for item in items:
-                    self._resolve(item, error=exc)
-                return
-            if len(items) == 1:
-                self._resolve(items[0], error=exc)
-                return
+            if not _is_out_of_memory(exc) or len(items) == 1:  # each caller gets the error
+                return [(item, None, exc) for item in items]
             log.warning("%s: out of memory on a batch of %d; splitting", self.name, len(items))
             half = len(items) // 2
-            self._run_batch(items[:half])
-            self._run_batch(items[half:])
-            return
-        for item, result in zip(items, results, strict=True):
-            self._resolve(item, result=result)
+            return self._run_batch(items[:half]) + self._run_batch(items[half:])
+        return [(item, result, None) for item, result in zip(items, results, strict=True)]
 
     @staticmethod
     def _resolve(

@@ -16,3 +16,11 @@ EMBEDDED_INPUTS = Counter("ember_embedded_inputs_total", "Inputs embedded", ["mo
 QUEUE_DEPTH = Gauge("ember_queue_depth", "Requests queued or running per model", ["model"])
 MODEL_LOADED = Gauge("ember_model_loaded", "1 while the model is loaded", ["model"])
 MODEL_LOAD_SECONDS = Gauge("ember_model_load_seconds", "Duration of the last load", ["model"])
+BATCH_SIZE = Histogram(
+    "ember_batch_size", "Items per batch run by a model's batcher or chat decode step",
+    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+BATCH_SECONDS = Histogram(
+    "ember_batch_seconds", "Compute time of one batch or decode step", ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)

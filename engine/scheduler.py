@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from engine import metrics
 from engine.compute import ComputeThread
 from engine.errors import DeadlineExceededError, OverloadedError
 from engine.types import GenerationEvent, SamplingParams, Usage
@@ -247,6 +248,7 @@ class ChatScheduler:
         tokens = torch.tensor([row.next_token for row in self._rows], device=self._mask.device)
         logits, self._mask = self.adapter.decode(self._cache, self._mask, tokens)
         self.steps += 1
+        metrics.BATCH_SIZE.labels(self.name).observe(len(self._rows))
         chosen = self.adapter.choose_tokens(logits, [row.seq for row in self._rows])
         for row, token in zip(self._rows, chosen, strict=True):
             self.adapter.advance(row.seq, token, row.job.emit)

@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,23 @@ from models.embeddings import truncate_dimensions
 log = logging.getLogger(__name__)
 
 _DONE = object()
+T = TypeVar("T")
+
+# Tokenizing a short input takes tens of microseconds, less than a hop to a worker thread and
+# back; only inputs above this many characters are tokenized off the event loop.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size <= INLINE_TOKENIZE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def request_chars(request: GenerationRequest) -> int:
+    if request.messages is not None:
+        return sum(len(m.content) for m in request.messages)
+    return len(request.prompt or "")
 
 
 class Engine:
@@ -103,7 +120,7 @@ class Engine:
         self._check_generation(request)
         async with self.manager.lease(request.model, "chat") as slot:
             adapter, runner = slot.adapter, slot.runner
-            prepared = await asyncio.to_thread(adapter.prepare, request)
+            prepared = await off_loop_if_large(request_chars(request), adapter.prepare, request)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Any] = asyncio.Queue()
             cancelled = threading.Event()
@@ -161,7 +178,8 @@ class Engine:
         async with self.manager.lease(request.model, "embedding") as slot:
             adapter = slot.adapter
             adapter.check_dimensions(request.dimensions)
-            tokens = sum(await asyncio.to_thread(adapter.count_tokens, request))
+            size = sum(map(len, request.texts or request.token_ids or []))
+            tokens = sum(await off_loop_if_large(size, adapter.count_tokens, request))
             payloads = request.texts if request.texts is not None else request.token_ids
             vectors = await slot.runner.submit_many(payloads)
             metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)

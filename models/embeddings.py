@@ -56,8 +56,9 @@ class SentenceTransformerEmbeddings(ModelAdapter):
         """Tokens per input, special tokens included; over the model's limit is a 400 (no
         silent truncation)."""
         if request.texts is not None:
-            encoded = self._encoder.encode_batch(request.texts, add_special_tokens=True)
-            counts = [len(encoding.ids) for encoding in encoded]
+            # One `encode` per text: `encode_batch` fans out to a rayon pool, which costs more
+            # than it saves for request-sized inputs and fights the compute thread for cores.
+            counts = [len(self._encoder.encode(text).ids) for text in request.texts]
         else:
             counts = [len(self._with_special_tokens(ids)) for ids in request.token_ids or []]
         for index, count in enumerate(counts):

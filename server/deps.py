@@ -10,13 +10,16 @@ from fastapi import Depends, Request
 from engine.errors import AuthenticationError
 from engine.service import Engine
 
+# Dependencies are `async def`: FastAPI runs plain `def` ones on a thread pool, a thread hop per
+# request that cost more than the work they do.
 
-def get_engine(request: Request) -> Engine:
+
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """When `api_key` is set, every API route needs `Authorization: Bearer <key>`."""
     expected = request.app.state.engine.settings.api_key
     if not expected:

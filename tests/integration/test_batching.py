@@ -4,10 +4,12 @@ one-at-a-time, while requests come and go."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import numpy as np
 
-from tests.conftest import Served
+from engine.settings import Settings
+from tests.conftest import Served, serve_in_process
 
 PROMPTS = [
     "Hello",
@@ -80,3 +82,26 @@ async def test_concurrent_embedding_requests_are_batched_and_ordered(served: Ser
     assert batcher.batches_run - batches_before < len(texts)
     for one, reference in zip(singles, alone, strict=True):
         np.testing.assert_allclose(one.data[0].embedding, reference.embedding, atol=1e-5)
+
+
+async def test_kv_budget_makes_requests_wait_instead_of_overflowing(
+    make_settings: Callable[..., Settings],
+) -> None:
+    budget = {"id": "tiny-chat", "limits": {"kv_cache_tokens": 60}}
+    async with serve_in_process(make_settings(models=[budget])) as served:
+        scheduler = (await served.app.state.engine.manager.load("tiny-chat")).runner
+        most_rows = 0
+
+        async def watch() -> None:
+            nonlocal most_rows
+            while True:
+                most_rows = max(most_rows, scheduler.active_sequences)
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.ensure_future(watch())
+        replies = await asyncio.gather(*[complete(served, PROMPTS[1], 30) for _ in range(8)])
+        watcher.cancel()
+        assert len(set(replies)) == 1  # all finished, and identical (greedy, same prompt)
+        # 10 prompt tokens per row, more once decoding: at most 6 rows fit, never all 8.
+        assert 1 <= most_rows < 8
+        assert scheduler.active_sequences == 0 and scheduler.pending == 0
