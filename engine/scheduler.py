@@ -179,8 +179,9 @@ class ChatScheduler:
             # The first admitted prompt may be long (it is then prefilled alone, in chunks);
             # later ones join its prefill only while the total stays within one chunk.
             fits_chunk = not admitted or prefill_tokens + prompt_len <= self.prefill_chunk_tokens
-            nothing_running = rows == 0 and not admitted
-            if not (fits_rows and fits_chunk and (fits_kv or nothing_running)):
+            # A job that would run alone always goes, whatever its size: else it waits forever.
+            alone = rows == 0 and not admitted
+            if not alone and not (fits_rows and fits_kv and fits_chunk):
                 break
             self._waiting.popleft()
             admitted.append(job)

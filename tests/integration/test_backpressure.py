@@ -111,3 +111,15 @@ async def test_disconnected_stream_frees_its_row(make_settings: Callable[..., Se
             await asyncio.sleep(0.02)
         assert scheduler.active_sequences == 0 and scheduler.pending == 0
         assert isinstance(response, httpx.Response)
+
+
+async def test_request_larger_than_the_batch_still_runs(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """n=3 choices on a model limited to batches of 1 row: it runs alone, not never."""
+    async with serve_in_process(make_settings(models=[ONE_AT_A_TIME])) as served:
+        response = await served.http.post(
+            "/v1/chat/completions", json={**chat_body(4), "n": 3}
+        )
+        assert response.status_code == 200
+        assert len(response.json()["choices"]) == 3
