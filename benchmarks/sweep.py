@@ -4,11 +4,12 @@ baselines measured in the same run.
     python -m benchmarks.sweep [--quick] [--out DIR] [--concurrency 1,2,4,8,16,32]
     ember bench sweep [--quick]
 
-Chat: at each concurrency C, C async clients (the lean benchmarks/loadgen.py) each stream
-`--requests` chat completions one after another (`ignore_eos`, lengths spread evenly over
-0.5-1.5x `--tokens`, so clients do not finish in lockstep and arrivals spread out as they
-would with real users). Reported per level: aggregate output tok/s, TTFT p50, inter-token
-latency p50, request latency p50/p99, errors. Baseline: plain `model.generate`, one request
+Chat: at each concurrency C, C async clients (the lean benchmarks/loadgen.py) stream chat
+completions back to back for `--seconds` (`ignore_eos`, lengths spread evenly over 0.5-1.5x
+`--tokens`, so clients do not finish in lockstep and arrivals spread out as they would with
+real users); tokens received inside the window count, so each level is a steady state.
+Reported per level: aggregate output tok/s, TTFT p50, inter-token latency p50, request
+latency p50/p99, errors. Baseline: plain `model.generate`, one request
 after another, on the same checkpoint and dtype, measured before, between and after the
 levels.
 Embeddings: 64 concurrent single-text requests against offline `encode(batch_size=32)` and
@@ -70,8 +71,9 @@ def request_tokens(tokens: int, client: int, request: int) -> int:
 class RequestTiming:
     ttft_s: float
     latency_s: float
-    tokens: int
+    tokens: int  # received before the level's time ran out
     gaps_s: list[float]
+    completed: bool = True
 
 
 @dataclass
@@ -86,7 +88,10 @@ class Level:
         return sum(t.tokens for t in self.timings) / self.wall_s
 
     def percentile(self, attribute: str, q: float) -> float:
-        values = sorted(getattr(t, attribute) for t in self.timings)
+        """Over requests that finished (TTFT: over every request that got a first token)."""
+        timings = self.timings if attribute == "ttft_s" else [
+            t for t in self.timings if t.completed]
+        values = sorted(getattr(t, attribute) for t in timings)
         return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else 0.0
 
     @property
@@ -105,7 +110,7 @@ class Level:
 class SweepReport:
     machine: Machine
     tokens: int
-    requests_per_client: int
+    seconds_per_level: float
     levels: list[Level] = field(default_factory=list)
     # The 1-client level again, between and after the others: ratios to "1 client" use the
     # median of all its runs, so one slow spell of a noisy machine does not decide them.
@@ -125,44 +130,63 @@ def chat_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
             "stream": True}
 
 
-async def stream_one(conn: Connection, prompt: str, tokens: int, seed: int) -> RequestTiming:
+async def stream_one(
+    conn: Connection, prompt: str, tokens: int, seed: int, deadline: float
+) -> RequestTiming:
+    """One streamed request; stops reading at `deadline` (the caller then drops the
+    connection, which cancels the rest on the server)."""
     started = time.perf_counter()
     times: list[float] = []
+    completed = True
     async for frame in conn.stream_events("/v1/chat/completions",
                                           chat_body(prompt, tokens, seed)):
         if "error" in frame:
             raise RuntimeError(frame["error"]["message"])
+        now = time.perf_counter()
+        if now > deadline:
+            completed = False
+            break
         if any(c.get("delta", {}).get("content") for c in frame.get("choices", [])):
-            times.append(time.perf_counter())
-    if not times:
-        raise RuntimeError("no tokens streamed")
+            times.append(now)
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    return RequestTiming(times[0] - started, time.perf_counter() - started, tokens, gaps)
+    ttft = times[0] - started if times else float("nan")
+    return RequestTiming(ttft, time.perf_counter() - started, len(times), gaps, completed)
 
 
 LOAD_ERRORS = (HTTPError, RuntimeError, OSError, asyncio.IncompleteReadError)
 
 
-async def run_level(port: int, concurrency: int, requests: int, tokens: int) -> Level:
+async def run_level(port: int, concurrency: int, seconds: float, tokens: int) -> Level:
+    """C clients issue requests back to back for `seconds`; tokens that arrive within the
+    window count, so the rate is a steady state, not a ramp-down with fewer clients left."""
     timings: list[RequestTiming] = []
     errors = 0
+    started = time.perf_counter()
+    deadline = started + seconds
 
     async def client_loop(index: int) -> None:
         nonlocal errors
-        async with Connection("127.0.0.1", port) as conn:
-            for r in range(requests):
-                topic = TOPICS[(index + r) % len(TOPICS)]
-                try:
-                    timings.append(await stream_one(
-                        conn, f"Tell me a story about {topic} (#{index}.{r}).",
-                        request_tokens(tokens, index, r), seed=index * 100 + r))
-                except LOAD_ERRORS:
-                    errors += 1
-                    return  # the connection's state is unknown after an error
+        request = 0
+        while time.perf_counter() < deadline:
+            async with Connection("127.0.0.1", port) as conn:
+                while time.perf_counter() < deadline:
+                    topic = TOPICS[(index + request) % len(TOPICS)]
+                    try:
+                        timing = await stream_one(
+                            conn, f"Tell me a story about {topic} (#{index}.{request}).",
+                            request_tokens(tokens, index, request), index * 100 + request,
+                            deadline)
+                    except LOAD_ERRORS:
+                        errors += 1
+                        break  # the connection's state is unknown: open a new one
+                    request += 1
+                    if timing.tokens:
+                        timings.append(timing)
+                    if not timing.completed:
+                        return
 
-    started = time.perf_counter()
     await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-    return Level(concurrency, time.perf_counter() - started, timings, errors)
+    return Level(concurrency, seconds, [t for t in timings if t.ttft_s == t.ttft_s], errors)
 
 
 def baseline_generate(adapter: TransformersChat, tokens: int, requests: int) -> float:
@@ -259,8 +283,8 @@ def render(report: SweepReport) -> str:
     lines = [
         "# ember throughput sweep", "",
         f"{m.date} · ember {m.ember_commit} · {m.cpu}, {m.cores} cores · torch {m.torch} · "
-        f"{m.threads} threads · {m.dtype} on {m.device} · {report.tokens} tokens per request, "
-        f"{report.requests_per_client} requests per client", "",
+        f"{m.threads} threads · {m.dtype} on {m.device} · {report.tokens} tokens per request on "
+        f"average · {report.seconds_per_level:.0f} s per level", "",
         f"Baseline, plain `generate` one request after another: {baseline:.1f} tok/s "
         f"(median of {len(report.baseline_tok_s)}).", "",
         "| clients | output tok/s | vs 1 client | vs generate | TTFT p50 ms | ITL p50 ms | "
@@ -326,7 +350,7 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
     embedder = load_embedding_baseline(settings, registry)
     report = SweepReport(
         describe_machine(args.threads, adapter.context.dtype, adapter.context.device),
-        args.tokens, args.requests)
+        args.tokens, args.seconds)
     report.weight_bytes = adapter.memory_bytes()
     report.bandwidth_bytes_s = memory_bandwidth()
     baseline_requests = 2 if args.quick else 3
@@ -338,7 +362,7 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
 
     def run_level_and_show(concurrency: int) -> Level:
         progress.step(f"chat at {concurrency} concurrent clients")
-        level = asyncio.run(run_level(port, concurrency, args.requests, args.tokens))
+        level = asyncio.run(run_level(port, concurrency, args.seconds, args.tokens))
         print(f"        {level.tok_s:.1f} tok/s, TTFT p50 "
               f"{level.percentile('ttft_s', 0.5) * 1000:.0f} ms, errors {level.errors}",
               file=sys.stderr, flush=True)
@@ -379,18 +403,18 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer levels, requests, tokens")
+    parser.add_argument("--quick", action="store_true", help="fewer levels, shorter ones")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--tokens", type=int)
-    parser.add_argument("--requests", type=int, help="requests per client at each level")
+    parser.add_argument("--seconds", type=float, help="length of each concurrency level")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or ([1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32])
     if 1 not in args.concurrency:
         args.concurrency = [1, *args.concurrency]
     args.tokens = args.tokens or (32 if args.quick else 64)
-    args.requests = args.requests or (2 if args.quick else 3)
+    args.seconds = args.seconds or (8.0 if args.quick else 25.0)
     return args
 
 

@@ -36,7 +36,7 @@ from models.decoding import (
     IncrementalDetokenizer,
     StopStringMatcher,
     apply_penalties,
-    sample_next,
+    sample_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -254,17 +254,31 @@ class TransformersChat(ModelAdapter):
         return out.logits[:, -1, :].float(), mask
 
     def choose_tokens(self, logits: torch.Tensor, sequences: list[SequenceState]) -> list[int]:
-        """Next token per row: greedy rows in one argmax, the others with their own sampling
-        parameters, penalties and generator."""
+        """Next token per row: plain greedy rows in one argmax; rows with penalties or a
+        temperature from their own (penalized) logits, the sampled ones in one batched draw
+        with their own parameters and generators."""
         chosen = logits.argmax(dim=-1).tolist()
-        for row, seq in enumerate(sequences):
-            if seq.greedy:
-                continue
-            row_logits = logits[row:row + 1]
+        special = [row for row, seq in enumerate(sequences) if not seq.greedy]
+        if not special:
+            return chosen
+        part = logits.index_select(0, torch.tensor(special, device=logits.device))
+        sampled: list[int] = []  # positions in `part`
+        for position, row in enumerate(special):
+            seq = sequences[row]
             if seq.counts is not None:
-                row_logits = row_logits.clone()
-                apply_penalties(row_logits, seq.counts[None], seq.params)
-            chosen[row] = int(sample_next(row_logits, seq.params, seq.generator)[0])
+                apply_penalties(part[position:position + 1], seq.counts[None], seq.params)
+            if seq.params.temperature > 0:
+                sampled.append(position)
+            else:
+                chosen[row] = int(part[position].argmax())
+        if sampled:
+            rows = [special[position] for position in sampled]
+            picks = sample_rows(
+                part[sampled], [sequences[row].params for row in rows],
+                [sequences[row].generator for row in rows],
+            )
+            for row, token in zip(rows, picks.tolist(), strict=True):
+                chosen[row] = token
         return chosen
 
     def advance(

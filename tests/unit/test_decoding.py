@@ -9,6 +9,7 @@ from models.decoding import (
     StopStringMatcher,
     apply_penalties,
     sample_next,
+    sample_rows,
 )
 from tests.tiny_models import build_tokenizer
 
@@ -71,3 +72,24 @@ def test_stop_matcher_finds_stops_across_deltas_and_holds_back_prefixes() -> Non
 @pytest.mark.parametrize("text", ["", "x"])
 def test_stop_matcher_edge_cases(text: str) -> None:
     assert StopStringMatcher(["xyz"]).find(text, 0) == -1
+
+
+def test_batched_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).repeat(6000, 1)
+    picks = sample_rows(logits, [SamplingParams(temperature=1.0)] * 6000, [None] * 6000)
+    share = torch.bincount(picks, minlength=4).float() / 6000
+    assert torch.allclose(share, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.03)
+
+
+def test_seeded_row_is_the_same_alone_or_in_a_batch() -> None:
+    logits = torch.randn(5, 100)
+    params = [SamplingParams(temperature=0.8, top_p=0.9 if i % 2 else 1.0, top_k=20 * i)
+              for i in range(5)]
+
+    def generators() -> list[torch.Generator | None]:
+        return [torch.Generator().manual_seed(i) if i != 2 else None for i in range(5)]
+
+    together = sample_rows(logits.clone(), params, generators())
+    for row in (0, 1, 3, 4):
+        alone = sample_rows(logits[row:row + 1].clone(), [params[row]], [generators()[row]])
+        assert int(alone[0]) == int(together[row])

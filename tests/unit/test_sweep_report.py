@@ -16,7 +16,7 @@ def level(concurrency: int, wall_s: float, ttft_s: float) -> Level:
 
 def report() -> SweepReport:
     machine = Machine("cpu", 2, 2, "t", "tf", "3.11", "abc", "bfloat16", "cpu", "today")
-    result = SweepReport(machine, tokens=10, requests_per_client=1)
+    result = SweepReport(machine, tokens=10, seconds_per_level=1.0)
     result.levels = [level(1, 1.0, 0.1), level(16, 2.0, 0.25)]
     result.baseline_tok_s = [9.0, 10.0, 11.0]
     result.bandwidth_bytes_s, result.weight_bytes = 10e9, 10**9
