@@ -179,9 +179,9 @@ class Engine:
             adapter = slot.adapter
             adapter.check_dimensions(request.dimensions)
             size = sum(map(len, request.texts or request.token_ids or []))
-            tokens = sum(await off_loop_if_large(size, adapter.count_tokens, request))
-            payloads = request.texts if request.texts is not None else request.token_ids
-            vectors = await slot.runner.submit_many(payloads)
+            inputs = await off_loop_if_large(size, adapter.tokenize, request)
+            tokens = sum(map(len, inputs))
+            vectors = await slot.runner.submit_many(inputs)
             metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
             metrics.EMBEDDED_INPUTS.labels(slot.entry.id).inc(count)
             matrix = truncate_dimensions(np.stack(vectors), request.dimensions)

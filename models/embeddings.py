@@ -38,6 +38,7 @@ class SentenceTransformerEmbeddings(ModelAdapter):
         self.dimensions = int(self.model.get_embedding_dimension() or 0)
         self.max_tokens = int(self.model.max_seq_length)
         self._special_prefix, self._special_suffix = self._special_tokens_around_text()
+        self._pad_id = int(self.tokenizer.pad_token_id or 0)
 
     def _special_tokens_around_text(self) -> tuple[list[int], list[int]]:
         """The special tokens the tokenizer wraps any text in ([CLS] … [SEP] for BERT), found
@@ -50,25 +51,35 @@ class SentenceTransformerEmbeddings(ModelAdapter):
         return [], []
 
     def warmup(self) -> None:
-        self.batch(["warm up"])
+        self.batch(self.tokenize(EmbeddingRequest(model=self.entry.id, texts=["warm up"])))
 
-    def count_tokens(self, request: EmbeddingRequest) -> list[int]:
-        """Tokens per input, special tokens included; over the model's limit is a 400 (no
-        silent truncation)."""
+    def tokenize(self, request: EmbeddingRequest) -> list[list[int]]:
+        """Token ids per input, special tokens included, checked against the model's limits
+        (over it is a 400: no silent truncation). Texts and token-id inputs share one path
+        from here on, and the compute thread never tokenizes."""
+        vocab = self._encoder.get_vocab_size()
         if request.texts is not None:
             # One `encode` per text: `encode_batch` fans out to a rayon pool, which costs more
             # than it saves for request-sized inputs and fights the compute thread for cores.
-            counts = [len(self._encoder.encode(text).ids) for text in request.texts]
+            inputs = [self._encoder.encode(text).ids for text in request.texts]
         else:
-            counts = [len(self._with_special_tokens(ids)) for ids in request.token_ids or []]
-        for index, count in enumerate(counts):
-            if count > self.max_tokens:
+            inputs = []
+            for index, ids in enumerate(request.token_ids or []):
+                bad = [t for t in ids if not 0 <= t < vocab]
+                if bad:
+                    raise InvalidRequestError(
+                        f"input[{index}] holds token id {bad[0]}, outside 0..{vocab - 1}",
+                        param="input",
+                    )
+                inputs.append([*self._special_prefix, *ids, *self._special_suffix])
+        for index, ids in enumerate(inputs):
+            if len(ids) > self.max_tokens:
                 raise ContextLengthExceededError(
-                    f"input[{index}] has {count} tokens; {self.entry.id!r} accepts at most "
+                    f"input[{index}] has {len(ids)} tokens; {self.entry.id!r} accepts at most "
                     f"{self.max_tokens} tokens per input.",
                     param="input",
                 )
-        return counts
+        return inputs
 
     def check_dimensions(self, dimensions: int | None) -> None:
         if dimensions is not None and not 1 <= dimensions <= self.dimensions:
@@ -78,48 +89,24 @@ class SentenceTransformerEmbeddings(ModelAdapter):
                 param="dimensions",
             )
 
-    def _with_special_tokens(self, ids: list[int]) -> list[int]:
-        return [*self._special_prefix, *ids, *self._special_suffix]
-
     @staticmethod
-    def size_of(payload: str | list[int]) -> int:
-        """Sort key for batching: characters or token ids, either tracks the padded length."""
-        return len(payload)
+    def size_of(ids: list[int]) -> int:
+        """Sort key for batching: inputs of similar length pad little together."""
+        return len(ids)
 
     @torch.no_grad()
-    def batch(self, payloads: list[str | list[int]]) -> list[np.ndarray]:
-        """Unit vectors at full dimension, one per payload (text or token ids), in order."""
-        vectors: list[np.ndarray] = [np.empty(0)] * len(payloads)
-        texts = [(i, p) for i, p in enumerate(payloads) if isinstance(p, str)]
-        id_lists = [(i, p) for i, p in enumerate(payloads) if not isinstance(p, str)]
-        if texts:
-            encoded = self.model.encode(
-                [text for _, text in texts], batch_size=len(texts),
-                convert_to_numpy=True, normalize_embeddings=True,
-            )
-            for (i, _), vector in zip(texts, encoded, strict=True):
-                vectors[i] = np.asarray(vector, dtype=np.float32)
-        if id_lists:
-            encoded = self._embed_token_ids([ids for _, ids in id_lists])
-            for (i, _), vector in zip(id_lists, encoded, strict=True):
-                vectors[i] = vector
-        return vectors
-
-    def _embed_token_ids(self, batch: list[list[int]]) -> np.ndarray:
-        vocab = self.tokenizer.vocab_size
-        for index, ids in enumerate(batch):
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"input[{index}] holds token id {bad[0]}, outside 0..{vocab - 1}", param="input"
-                )
-        features = self.tokenizer.pad(
-            {"input_ids": [self._with_special_tokens(ids) for ids in batch]}, return_tensors="pt"
-        )
-        features = {k: v.to(self.model.device) for k, v in features.items()}
+    def batch(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        """Unit vectors at full dimension, one per tokenized input, in order."""
+        device = self.model.device
+        width = max(len(ids) for ids in inputs)
+        input_ids = torch.full((len(inputs), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, ids in enumerate(inputs):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        features = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         output = self.model(features)["sentence_embedding"].float()
-        output = torch.nn.functional.normalize(output, dim=-1)
-        return output.cpu().numpy()
+        return list(torch.nn.functional.normalize(output, dim=-1).cpu().numpy())
 
 
 def truncate_dimensions(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
