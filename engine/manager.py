@@ -95,7 +95,7 @@ class ModelSlot:
     entry: ModelEntry
     state: ModelState = ModelState.AVAILABLE
     adapter: Any = None
-    worker: Runner | None = None
+    loaded_runner: Runner | None = None
     error: str | None = None
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -108,9 +108,9 @@ class ModelSlot:
     @property
     def runner(self) -> Any:
         """The runner (scheduler or batcher) of a leased, hence READY, slot."""
-        if self.worker is None:
+        if self.loaded_runner is None:
             raise ModelUnavailableError(f"{self.entry.id!r} is not loaded")
-        return self.worker
+        return self.loaded_runner
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ class ModelManager:
             slot.load_seconds = time.perf_counter() - started
             slot.adapter, slot.memory_bytes = adapter, adapter.memory_bytes()
             slot.device, slot.dtype = device, str(dtype).removeprefix("torch.")
-            slot.worker = make_runner(entry, adapter, self.settings, self.compute)
+            slot.loaded_runner = make_runner(entry, adapter, self.settings, self.compute)
             slot.state = ModelState.READY
             metrics.MODEL_LOADED.labels(entry.id).set(1)
             metrics.MODEL_LOAD_SECONDS.labels(entry.id).set(slot.load_seconds)
@@ -242,11 +242,11 @@ class ModelManager:
         return adapter
 
     async def _unload(self, slot: ModelSlot) -> None:
-        adapter, worker = slot.adapter, slot.worker
-        slot.adapter, slot.worker, slot.state = None, None, ModelState.AVAILABLE
+        adapter, runner = slot.adapter, slot.loaded_runner
+        slot.adapter, slot.loaded_runner, slot.state = None, None, ModelState.AVAILABLE
         metrics.MODEL_LOADED.labels(slot.entry.id).set(0)
-        if worker is not None:
-            worker.shutdown()
+        if runner is not None:
+            runner.shutdown()
         if adapter is not None:
             await run_in_fresh_thread(adapter.unload)
         log.info("unloaded %s", slot.entry.id)
@@ -319,6 +319,6 @@ class ModelManager:
             default=entry.default, error=slot.error, device=slot.device, dtype=slot.dtype,
             memory_bytes=slot.memory_bytes if slot.state is ModelState.READY else 0,
             load_seconds=slot.load_seconds, active_requests=slot.leases,
-            queued_requests=slot.worker.pending if slot.worker else 0,
+            queued_requests=slot.loaded_runner.pending if slot.loaded_runner else 0,
             description=entry.description, license=entry.license,
         )
