@@ -130,7 +130,6 @@ class Engine:
 
             future = runner.submit(prepared, request.params, emit, cancelled)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _DONE))
-            metrics.QUEUE_DEPTH.labels(slot.entry.id).set(runner.pending)
             try:
                 if request.echo:
                     for index in range(request.params.n):
@@ -146,7 +145,6 @@ class Engine:
                 # Hold the lease until the runner has really stopped using the model.
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(asyncio.wrap_future(future))
-                metrics.QUEUE_DEPTH.labels(slot.entry.id).set(runner.pending)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         choices = [Choice(index=i) for i in range(request.params.n)]

@@ -1,5 +1,6 @@
-"""Chat and text completion on transformers causal LMs, with our own decode loop so that the
-engine owns sampling, stop strings, streaming and cancellation."""
+"""Chat and text completion on transformers causal LMs: tokenizing and limit checks, plus the
+batched prefill / decode / sampling primitives that engine.scheduler.ChatScheduler drives, so
+the engine owns batching, sampling, stop strings, streaming and cancellation."""
 
 from __future__ import annotations
 

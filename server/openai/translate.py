@@ -181,8 +181,8 @@ def embedding_request(body: EmbeddingRequestIn) -> EmbeddingRequest:
     value = body.input
     if isinstance(value, str):
         return EmbeddingRequest(model=body.model, texts=[value], dimensions=body.dimensions)
-    if not value:
-        raise InvalidRequestError("input must not be empty", param="input")
+    if not value:  # the engine refuses empty input, for every dialect alike
+        return EmbeddingRequest(model=body.model, texts=[], dimensions=body.dimensions)
     if isinstance(value[0], int):
         return EmbeddingRequest(model=body.model, token_ids=[value],
                                 dimensions=body.dimensions)
