@@ -1,5 +1,5 @@
-"""One generic dynamic batcher for every capability that batches well (embeddings now; rerank,
-moderation, speech and images later).
+"""One generic dynamic batcher for every capability that batches well (embeddings, speech;
+rerank, moderation and images later).
 
 Callers submit items and await a future each. On the engine's shared compute thread, a step
 takes the queue as it finds it: once a batch is full or its oldest item has waited
@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -92,7 +92,7 @@ class Batcher(Generic[In, Out]):
     def load_fraction(self) -> float:
         return len(self._queue) / self.max_queue
 
-    async def submit_many(self, payloads: Sequence[In]) -> list[Out]:
+    def _enqueue(self, payloads: Sequence[In]) -> list[_Item[In]]:
         """All or nothing: if the queue cannot take every item, none is queued (429)."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self._timeout_s if self._timeout_s else float("inf")
@@ -112,11 +112,26 @@ class Batcher(Generic[In, Out]):
                 self._queue.append(item)
                 items.append(item)
             self._cond.notify()
+        return items
+
+    async def submit_many(self, payloads: Sequence[In]) -> list[Out]:
+        """Every result at once, in order."""
+        items = self._enqueue(payloads)
         try:
             return list(await asyncio.gather(*(item.future for item in items)))
         except BaseException:
             self._withdraw(items)
             raise
+
+    async def stream(self, payloads: Sequence[In]) -> AsyncIterator[Out]:
+        """Each result in order as soon as it and those before it are done (speech streams
+        sentence by sentence). Closing the iterator early withdraws what is still queued."""
+        items = self._enqueue(payloads)
+        try:
+            for item in items:
+                yield await item.future
+        finally:
+            self._withdraw(items)
 
     def _withdraw(self, items: list[_Item[In]]) -> None:
         """A caller that went away (or failed) takes its remaining items out of the queue."""
@@ -126,6 +141,8 @@ class Batcher(Generic[In, Out]):
         for item in items:
             if not item.future.done():
                 item.future.cancel()
+            elif not item.future.cancelled():
+                item.future.exception()  # seen: asyncio would log it as never retrieved
 
     def shutdown(self) -> None:
         self._compute.remove(self)

@@ -13,6 +13,9 @@ REQUEST_SECONDS = Histogram(
 PROMPT_TOKENS = Counter("ember_prompt_tokens_total", "Prompt tokens processed", ["model"])
 GENERATED_TOKENS = Counter("ember_generated_tokens_total", "Tokens generated", ["model"])
 EMBEDDED_INPUTS = Counter("ember_embedded_inputs_total", "Inputs embedded", ["model"])
+AUDIO_SECONDS = Counter(
+    "ember_audio_seconds_total", "Seconds of audio transcribed or synthesized", ["model"]
+)
 QUEUE_DEPTH = Gauge("ember_queue_depth", "Requests queued or running per model", ["model"])
 MODEL_LOADED = Gauge("ember_model_loaded", "1 while the model is loaded", ["model"])
 MODEL_LOAD_SECONDS = Gauge("ember_model_load_seconds", "Duration of the last load", ["model"])

@@ -42,6 +42,11 @@ class ModelEntry(BaseModel):
     adapter: str
     source: str = Field(description="local dir | HF repo id | package:NAME[/subdir]")
     gguf_file: str | None = None
+    join: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="file name -> parts (package:... paths) concatenated, in order, into it",
+    )
+    sha256: dict[str, str] = Field(default_factory=dict, description="file name -> SHA-256")
     device: str | None = None
     dtype: str | None = None
     aliases: list[str] = Field(default_factory=list)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from engine import metrics
+from engine import metrics, speech
 from engine.errors import InvalidRequestError
 from engine.manager import ModelManager
 from engine.registry import Registry
@@ -28,7 +28,13 @@ from engine.types import (
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
+    SpeechChunk,
+    SpeechRequest,
     TextDelta,
+    Transcription,
+    TranscriptionInfo,
+    TranscriptionRequest,
+    TranscriptSegment,
     Usage,
 )
 from models.embeddings import truncate_dimensions
@@ -184,3 +190,16 @@ class Engine:
             metrics.EMBEDDED_INPUTS.labels(slot.entry.id).inc(count)
             matrix = truncate_dimensions(np.stack(vectors), request.dimensions)
             return EmbeddingResult(model=request.model, vectors=matrix, prompt_tokens=tokens)
+
+    # -- speech ------------------------------------------------------------------------------
+
+    def transcribe_stream(
+        self, request: TranscriptionRequest
+    ) -> AsyncIterator[TranscriptSegment | TranscriptionInfo]:
+        return speech.transcribe_stream(self.manager, self.settings, request)
+
+    async def transcribe(self, request: TranscriptionRequest) -> Transcription:
+        return await speech.transcribe(self.manager, self.settings, request)
+
+    def speak(self, request: SpeechRequest) -> AsyncIterator[SpeechChunk]:
+        return speech.speak(self.manager, request)

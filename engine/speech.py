@@ -1,0 +1,138 @@
+"""Speech: the one implementation of transcription, translation and text to speech that every
+dialect calls. Decoding, windowing and phonemizing run on worker threads; models run on the
+compute thread through each model's `Batcher`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from engine import metrics
+from engine.errors import InvalidRequestError
+from engine.manager import ModelManager
+from engine.registry import Registry
+from engine.settings import Settings
+from engine.types import (
+    SpeechChunk,
+    SpeechRequest,
+    Transcription,
+    TranscriptionInfo,
+    TranscriptionRequest,
+    TranscriptSegment,
+    WordTiming,
+)
+
+MAX_SPEECH_INPUT_CHARS = 4096  # OpenAI's limit on `input`
+SPEED_RANGE = (0.25, 4.0)
+
+
+def _segments(result: object, first_id: int) -> list[TranscriptSegment]:
+    segments = []
+    for number, raw in enumerate(getattr(result, "segments", []), start=first_id):
+        words = [
+            WordTiming(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
+            for w in raw.get("words", [])
+        ]
+        segments.append(TranscriptSegment(
+            id=number, seek=raw["seek"], start=round(float(raw["start"]), 3),
+            end=round(float(raw["end"]), 3), text=raw["text"], tokens=list(raw["tokens"]),
+            temperature=raw["temperature"], avg_logprob=float(raw["avg_logprob"]),
+            compression_ratio=float(raw["compression_ratio"]),
+            no_speech_prob=float(raw["no_speech_prob"]), words=words,
+        ))
+    return segments
+
+
+async def transcribe_stream(
+    manager: ModelManager, settings: Settings, request: TranscriptionRequest
+) -> AsyncIterator[TranscriptSegment | TranscriptionInfo]:
+    """Segments as their windows are decoded, then one `TranscriptionInfo`.
+
+    When the language is not given, the first window is decoded alone and its detected
+    language is used for the rest, so a whole file is in one language."""
+    async with manager.lease(request.model, "stt") as slot:
+        adapter, runner = slot.adapter, slot.runner
+        adapter.check(request)
+        prepared = await asyncio.to_thread(adapter.prepare, request, settings.max_audio_seconds)
+        windows = prepared.windows
+        language = request.language or ("en" if not adapter.multilingual else None)
+        next_id = 0
+        if windows and language is None:
+            first = (await runner.submit_many(windows[:1]))[0]
+            language, windows = first.language, windows[1:]
+            for segment in _segments(first, next_id):
+                next_id += 1
+                yield segment
+            windows = [replace(window, language=language) for window in windows]
+        async for result in runner.stream(windows):
+            language = language or result.language
+            for segment in _segments(result, next_id):
+                next_id += 1
+                yield segment
+        metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(prepared.duration)
+        yield TranscriptionInfo(language=language or "en", duration=prepared.duration)
+
+
+async def transcribe(
+    manager: ModelManager, settings: Settings, request: TranscriptionRequest
+) -> Transcription:
+    segments: list[TranscriptSegment] = []
+    info = TranscriptionInfo("en", 0.0)
+    async for event in transcribe_stream(manager, settings, request):
+        if isinstance(event, TranscriptSegment):
+            segments.append(event)
+        else:
+            info = event
+    return Transcription(request.task, info.language, info.duration, segments)
+
+
+def check_speech(request: SpeechRequest) -> None:
+    if not request.text.strip():
+        raise InvalidRequestError("input must not be empty", param="input")
+    if len(request.text) > MAX_SPEECH_INPUT_CHARS:
+        raise InvalidRequestError(
+            f"input has {len(request.text)} characters; at most {MAX_SPEECH_INPUT_CHARS} are "
+            "allowed", param="input",
+        )
+    low, high = SPEED_RANGE
+    if not low <= request.speed <= high:
+        raise InvalidRequestError(
+            f"speed must be between {low} and {high}; got {request.speed}", param="speed"
+        )
+
+
+async def speak(manager: ModelManager, request: SpeechRequest) -> AsyncIterator[SpeechChunk]:
+    """Audio a sentence at a time, in order, as each is synthesized."""
+    check_speech(request)
+    async with manager.lease(request.model, "tts") as slot:
+        adapter = slot.adapter
+        utterances = await asyncio.to_thread(adapter.prepare, request)
+        async for samples in slot.runner.stream(utterances):
+            metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(len(samples) / adapter.sample_rate)
+            yield SpeechChunk(samples, adapter.sample_rate)
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    id: str
+    model: str
+    language: str | None
+    aliases: list[str] = field(default_factory=list)
+    object: str = "voice"
+
+
+def list_voices(registry: Registry) -> list[VoiceInfo]:
+    """Voices are registry data (`options.voices`, `options.voice_aliases` of tts entries), so
+    listing them loads no model."""
+    found = []
+    for entry in registry.entries():
+        if entry.task != "tts":
+            continue
+        aliases: dict[str, str] = entry.options.get("voice_aliases", {})
+        for name, voice in entry.options.get("voices", {}).items():
+            found.append(VoiceInfo(
+                id=name, model=entry.id, language=(voice or {}).get("language"),
+                aliases=sorted(a for a, target in aliases.items() if target == name),
+            ))
+    return found

@@ -1,0 +1,203 @@
+"""Text to speech with Piper voices (VITS exported to ONNX), run with onnxruntime.
+
+The `piper-tts` runtime is GPL, so ember does not use it: phonemes come from the `espeak-ng`
+program (a separate process, as Piper's own phonemizer uses espeak-ng's IPA output), mapped to
+ids with the voice's `phoneme_id_map`, and the ONNX graph runs here. Text is synthesized a
+sentence at a time, so the first audio streams out while later sentences are still queued.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.sources import resolve_source
+from engine.types import SpeechRequest
+from models.base import ModelAdapter
+
+# Silence after each sentence, as Piper's default `sentence_silence`.
+SENTENCE_SILENCE_S = 0.2
+# Sentences longer than this are split at clause marks or spaces, to keep latency low.
+MAX_SENTENCE_CHARS = 400
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
+_CLAUSE_MARKS = re.compile(r"[,;:.!?…]+")
+_LANGUAGE_SWITCH = re.compile(r"\([a-z-]+\)")  # espeak marks foreign words "(fr)…(en)"
+
+BOS, EOS, PAD = "^", "$", "_"
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One sentence as phoneme ids, with the synthesis settings of its request."""
+
+    ids: list[int]
+    length_scale: float
+    speaker: int | None
+
+
+def split_sentences(text: str) -> list[str]:
+    sentences = []
+    for sentence in _SENTENCE_END.split(text.strip()):
+        sentence = sentence.strip()
+        while len(sentence) > MAX_SENTENCE_CHARS:
+            head = sentence[:MAX_SENTENCE_CHARS]
+            cut = max(head.rfind(", "), head.rfind("; "), head.rfind(" "))
+            cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+            sentences.append(sentence[:cut + 1].strip())
+            sentence = sentence[cut + 1:].strip()
+        if sentence:
+            sentences.append(sentence)
+    return sentences
+
+
+def espeak_phonemes(sentence: str, voice: str) -> str:
+    """IPA phonemes of one sentence, clause punctuation kept (espeak drops it and puts each
+    clause on its own line; the marks are put back when the clause count matches)."""
+    result = subprocess.run(
+        ["espeak-ng", "-q", "-b", "1", "--ipa", "-v", voice, "--stdin"],
+        input=sentence.encode(), capture_output=True, timeout=30, check=False,
+    )
+    if result.returncode != 0:
+        raise InvalidRequestError(
+            f"espeak-ng could not phonemize the input: {result.stderr.decode()[:200]}",
+            param="input",
+        )
+    clauses = [
+        _LANGUAGE_SWITCH.sub("", line).strip()
+        for line in result.stdout.decode().splitlines()
+    ]
+    clauses = [c for c in clauses if c]
+    marks = [m.group()[0] for m in _CLAUSE_MARKS.finditer(sentence)]
+    if marks and not _CLAUSE_MARKS.search(sentence[-1]):
+        marks.append("")
+    if len(marks) != len(clauses):
+        marks = [""] * (len(clauses) - 1) + [marks[-1] if marks else ""]
+    return " ".join(clause + mark for clause, mark in zip(clauses, marks, strict=True))
+
+
+def phoneme_ids(phonemes: str, id_map: dict[str, list[int]]) -> list[int]:
+    """Piper's encoding: BOS, then each phoneme followed by PAD, then EOS; phonemes the voice
+    does not know are skipped."""
+    ids = [*id_map[BOS], *id_map[PAD]]
+    for char in unicodedata.normalize("NFD", phonemes):
+        if char in id_map:
+            ids += [*id_map[char], *id_map[PAD]]
+    return [*ids, *id_map[EOS]]
+
+
+class PiperVoice(ModelAdapter):
+    """Options (registry `options`): `voices` (name → {speaker, language}), `voice_aliases`
+    (other names → a voice, e.g. OpenAI's), `onnx_file` when the folder holds several."""
+
+    def load(self) -> None:
+        if shutil.which("espeak-ng") is None:
+            raise ModelLoadError(
+                f"{self.entry.id!r} needs the espeak-ng program for phonemes: "
+                "apt-get install espeak-ng (or brew install espeak-ng)"
+            )
+        folder = Path(resolve_source(self.entry))
+        onnx_file = self.entry.options.get("onnx_file")
+        candidates = [folder / onnx_file] if onnx_file else sorted(folder.glob("*.onnx"))
+        if not candidates or not candidates[0].is_file():
+            raise ModelLoadError(f"{self.entry.id!r}: no .onnx voice in {folder}")
+        onnx_path = candidates[0]
+        config = json.loads(Path(f"{onnx_path}.json").read_text())
+        self.sample_rate = int(config["audio"]["sample_rate"])
+        self.espeak_voice = str(config.get("espeak", {}).get("voice", "en-us"))
+        self.id_map: dict[str, list[int]] = config["phoneme_id_map"]
+        inference = config.get("inference", {})
+        self.noise_scale = float(inference.get("noise_scale", 0.667))
+        self.length_scale = float(inference.get("length_scale", 1.0))
+        self.noise_w = float(inference.get("noise_w", 0.8))
+        self.multi_speaker = int(config.get("num_speakers", 1)) > 1
+        self._weights_bytes = onnx_path.stat().st_size
+        self.model = self._session(onnx_path)
+
+    def _session(self, path: Path) -> Any:
+        import onnxruntime
+        import torch
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        providers = ["CPUExecutionProvider"]
+        if self.context.device.startswith("cuda") and (
+            "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        ):
+            providers.insert(0, "CUDAExecutionProvider")
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+    def memory_bytes(self) -> int:
+        return self._weights_bytes
+
+    def warmup(self) -> None:
+        self.batch(self.prepare(SpeechRequest(self.entry.id, "Ready.", self.voice_names()[0])))
+
+    # -- voices ------------------------------------------------------------------------------
+
+    def voice_names(self) -> list[str]:
+        return list(voices_of(self.entry.options)) or ["default"]
+
+    def _speaker(self, voice: str) -> int | None:
+        voices = voices_of(self.entry.options)
+        name = self.entry.options.get("voice_aliases", {}).get(voice, voice)
+        if voices and name not in voices:
+            known = sorted([*voices, *self.entry.options.get("voice_aliases", {})])
+            raise InvalidRequestError(
+                f"voice {voice!r} is not a voice of {self.entry.id!r}; choose one of: "
+                f"{', '.join(known)}", param="voice",
+            )
+        return int(voices.get(name, {}).get("speaker", 0)) if self.multi_speaker else None
+
+    # -- the request thread ------------------------------------------------------------------
+
+    def prepare(self, request: SpeechRequest) -> list[Utterance]:
+        """Sentences → phoneme ids (one espeak-ng process per sentence)."""
+        speaker = self._speaker(request.voice)
+        length_scale = self.length_scale / request.speed
+        utterances = []
+        for sentence in split_sentences(request.text):
+            ids = phoneme_ids(espeak_phonemes(sentence, self.espeak_voice), self.id_map)
+            if len(ids) > 3:  # more than BOS, PAD, EOS: something to say
+                utterances.append(Utterance(ids, length_scale, speaker))
+        if not utterances:
+            raise InvalidRequestError("input has nothing to pronounce", param="input")
+        return utterances
+
+    @staticmethod
+    def size_of(utterance: Utterance) -> int:
+        return len(utterance.ids)
+
+    # -- the compute thread ------------------------------------------------------------------
+
+    def batch(self, utterances: list[Utterance]) -> list[np.ndarray]:
+        """One run per sentence: VITS output lengths differ per row and the graph does not
+        report them, so padded rows could not be trimmed exactly."""
+        silence = np.zeros(int(self.sample_rate * SENTENCE_SILENCE_S), dtype=np.float32)
+        audio = []
+        for utterance in utterances:
+            inputs: dict[str, np.ndarray] = {
+                "input": np.array([utterance.ids], dtype=np.int64),
+                "input_lengths": np.array([len(utterance.ids)], dtype=np.int64),
+                "scales": np.array(
+                    [self.noise_scale, utterance.length_scale, self.noise_w], dtype=np.float32
+                ),
+            }
+            if utterance.speaker is not None:
+                inputs["sid"] = np.array([utterance.speaker], dtype=np.int64)
+            samples = self.model.run(None, inputs)[0].reshape(-1).astype(np.float32)
+            audio.append(np.concatenate([samples, silence]))
+        return audio
+
+
+def voices_of(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    voices: dict[str, dict[str, Any]] = options.get("voices", {})
+    return voices
