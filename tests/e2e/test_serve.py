@@ -1,5 +1,6 @@
 """`ember serve` as a real process on a free port, with the packaged default models (SmolLM2
-chat and MiniLM embeddings), driven by the published `openai` client."""
+chat, MiniLM embeddings, Whisper base speech to text, the Piper voice), driven by the
+published `openai` client."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from tests.audio_files import word_error_rate
 
 pytestmark = pytest.mark.e2e
 STARTUP_LIMIT_S = 420  # the first start on a fresh machine de-quantizes the GGUF (~20-60 s)
@@ -59,7 +62,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             raise
     output = log_path.read_text()
     assert "ember serving at http://127.0.0.1:" in output
-    assert "models ready: smollm2-135m-instruct (chat), all-minilm-l6-v2 (embedding)" in output
+    assert (
+        "models ready: smollm2-135m-instruct (chat), all-minilm-l6-v2 (embedding), "
+        "whisper-base (stt), piper-en-us-joe (tts)"
+    ) in output
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +126,32 @@ def test_bad_request_then_still_serving(client: openai.OpenAI, server: str) -> N
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     reply = client.embeddings.create(model="text-embedding-ada-002", input="still here")
     assert reply.data
+
+
+STORY = (
+    "The lighthouse keeper climbed the stairs at dusk. He lit the lamp and watched the sea. "
+    "A small boat was fighting the waves near the rocks. He rang the bell three times. "
+    "The boat turned away from the rocks and reached the harbour. In the morning the "
+    "fishermen brought him bread and fresh fish."
+)
+
+
+def test_speech_streams_before_synthesis_finishes_and_transcribes(server: str) -> None:
+    body = {"model": "tts-1", "input": STORY, "voice": "alloy", "response_format": "mp3"}
+    started = time.perf_counter()
+    first_byte_s, data = 0.0, b""
+    with httpx.stream("POST", f"{server}/v1/audio/speech", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "audio/mpeg"
+        for chunk in response.iter_raw():
+            first_byte_s = first_byte_s or time.perf_counter() - started
+            data += chunk
+    total_s = time.perf_counter() - started
+    # Six sentences: the first one's audio leaves long before the last one is synthesized.
+    assert first_byte_s < total_s / 2, (first_byte_s, total_s)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    text = client.audio.transcriptions.create(model="whisper-1", file=("story.mp3", data)).text
+    assert word_error_rate(STORY, text) <= 0.15, text
 
 
 def test_models_command_lists_the_registry() -> None:

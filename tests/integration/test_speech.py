@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import re
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 
 from engine.audio import decode_audio
+from engine.settings import Settings
 from tests.audio_files import (
     UPLOAD_FORMATS,
     encode_file,
@@ -17,7 +22,7 @@ from tests.audio_files import (
     seconds,
     word_error_rate,
 )
-from tests.conftest import Served
+from tests.conftest import Served, serve_in_process
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Speech recognition runs offline on ember."
 
@@ -168,8 +173,6 @@ async def test_speech_sse_stream_carries_audio(served: Served) -> None:
     })
     assert response.status_code == 200
     frames = [line[6:] for line in response.text.splitlines() if line.startswith("data: {")]
-    import base64
-    import json
     events = [json.loads(frame) for frame in frames]
     assert events[-1]["type"] == "speech.audio.done"
     audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
@@ -243,3 +246,32 @@ async def test_server_keeps_serving_after_bad_audio(served: Served, spoken: byte
         model="whisper-1", file=("speech.wav", spoken)
     )
     assert word_error_rate(SENTENCE, result.text) <= 0.15
+
+
+async def test_vad_filter_skips_silence_and_keeps_speech(served: Served, spoken: bytes) -> None:
+    samples = decode_audio(spoken, sample_rate=16_000, max_seconds=60)
+    padded = np.concatenate([np.zeros(16_000 * 3, np.float32), samples])
+    upload = encode_file(padded, 16_000, "wav", "pcm_s16le")
+    result = await served.openai.audio.transcriptions.create(
+        model="whisper-1", file=("padded.wav", upload), response_format="verbose_json",
+        extra_body={"vad_filter": True},
+    )
+    assert word_error_rate(SENTENCE, result.text) <= 0.15, result.text
+    assert result.segments and result.segments[0].start >= 2.5  # timestamps stay absolute
+    silence = encode_file(np.zeros(16_000 * 4, np.float32), 16_000, "wav", "pcm_s16le")
+    quiet = await served.openai.audio.transcriptions.create(
+        model="whisper-1", file=("silence.wav", silence), extra_body={"vad_filter": True}
+    )
+    assert quiet.text == ""
+
+
+async def test_audio_over_the_duration_limit_is_a_400(
+    make_settings: Callable[..., Settings], spoken: bytes
+) -> None:
+    async with serve_in_process(make_settings(max_audio_seconds=2)) as short:
+        response = await short.http.post(
+            "/v1/audio/transcriptions", data={"model": "whisper-1"},
+            files={"file": ("speech.wav", spoken)},
+        )
+    assert response.status_code == 400
+    assert "longer than the limit of 2 seconds" in response.json()["error"]["message"]

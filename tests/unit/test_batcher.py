@@ -124,3 +124,24 @@ async def test_other_errors_reach_every_caller_of_the_batch() -> None:
     with pytest.raises(ValueError, match="bad weights"):
         await batcher.submit_many(["a", "b"])
     batcher.shutdown()
+
+
+async def test_stream_yields_results_in_order_and_closing_withdraws_the_rest() -> None:
+    release = threading.Event()
+
+    def slow_upper(batch: list[str]) -> list[str]:
+        release.wait(5)
+        return [text.upper() for text in batch]
+
+    batcher = make(slow_upper, max_batch_size=1, max_wait_ms=0)
+    release.set()
+    assert [r async for r in batcher.stream(["a", "b", "c"])] == ["A", "B", "C"]
+    release.clear()
+    stream = batcher.stream(["d", "e", "f", "g"])
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await first == "D"
+    await stream.aclose()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.05)
+    assert batcher.pending == 0
