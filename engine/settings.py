@@ -69,7 +69,38 @@ class Settings(BaseSettings):
         7200, gt=0, description="longest audio a transcription or translation may upload"
     )
     max_n: int = Field(8, gt=0, description="largest `n` a chat/completion request may ask for")
+    artifact_ttl_s: float = Field(
+        3600, gt=0, description="how long generated files stay at /v1/files/{id}/content"
+    )
+    public_url: str | None = Field(
+        None, description="base URL in returned file links; the request's own by default"
+    )
+    job_workers: int = Field(1, gt=0, description="video/music jobs running at once")
+    job_workers_per_model: int = Field(1, gt=0, description="jobs running at once per model")
+    job_max_attempts: int = Field(
+        3, gt=0, description="runs a job may start (restarts included) before it is failed"
+    )
+    job_ttl_s: float = Field(
+        86400, gt=0, description="how long finished jobs and their files are kept"
+    )
     api_key: str | None = None
+
+    # Image inputs of vision chat (engine/fetch.py).
+    fetch_allow_private: bool = Field(
+        False, description="let image URLs reach private, loopback and link-local addresses"
+    )
+    fetch_max_bytes: int = Field(
+        20 * 1024 * 1024, gt=0, description="largest image fetched from a URL or data: URI"
+    )
+    fetch_timeout_s: float = Field(
+        10, gt=0, description="longest an image URL fetch may take, redirects included"
+    )
+    max_images_per_request: int = Field(
+        16, gt=0, description="most image parts one chat request may carry"
+    )
+    max_rerank_documents: int = Field(
+        1000, gt=0, description="most documents one rerank request may carry"
+    )
 
     @field_validator("preload", mode="before")
     @classmethod

@@ -64,7 +64,24 @@ def resolve_source(entry: ModelEntry) -> str:
         if not path.exists():
             raise ModelUnavailableError(f"Model {entry.id!r}: local path {path} does not exist")
         return str(path)
-    return source
+    snapshot = hf_snapshot_path(source)
+    if snapshot is None:  # never downloaded at request time: `ember pull` fetches it
+        raise ModelUnavailableError(
+            f"Model {entry.id!r} ({source} on the Hugging Face Hub) is not downloaded. "
+            f"Fetch it once with: ember pull {entry.id}"
+        )
+    return str(snapshot)
+
+
+def hf_snapshot_path(repo_id: str) -> Path | None:
+    """The local snapshot of a Hub repo in the HF cache, or None; never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
 
 
 def _part_path(spec: str, entry: ModelEntry) -> Path:

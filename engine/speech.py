@@ -103,14 +103,30 @@ def check_speech(request: SpeechRequest) -> None:
 
 
 async def speak(manager: ModelManager, request: SpeechRequest) -> AsyncIterator[SpeechChunk]:
-    """Audio a sentence at a time, in order, as each is synthesized."""
+    """Audio a sentence at a time, in order, as each is synthesized. The first sentence is
+    phonemized and queued alone, so its audio is on the way while espeak-ng works through the
+    rest."""
     check_speech(request)
     async with manager.lease(request.model, "tts") as slot:
-        adapter = slot.adapter
-        utterances = await asyncio.to_thread(adapter.prepare, request)
-        async for samples in slot.runner.stream(utterances):
-            metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(len(samples) / adapter.sample_rate)
-            yield SpeechChunk(samples, adapter.sample_rate)
+        adapter, runner = slot.adapter, slot.runner
+        sentences = adapter.sentences(request)
+        first = await asyncio.to_thread(adapter.prepare, request, sentences[:1])
+        rest = asyncio.create_task(asyncio.to_thread(adapter.prepare, request, sentences[1:]))
+        try:
+            spoken = False
+            for batch in (first, None):
+                utterances = batch if batch is not None else await rest
+                if not utterances:
+                    continue
+                async for samples in runner.stream(utterances):
+                    spoken = True
+                    seconds = len(samples) / adapter.sample_rate
+                    metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(seconds)
+                    yield SpeechChunk(samples, adapter.sample_rate)
+            if not spoken:
+                raise InvalidRequestError("input has nothing to pronounce", param="input")
+        finally:
+            rest.cancel()
 
 
 @dataclass(frozen=True)

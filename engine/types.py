@@ -8,10 +8,28 @@ from typing import Any, Literal
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+@dataclass
+class ImageInput:
+    """An image in a chat message: where it comes from and, once the engine has fetched and
+    decoded it, the image itself."""
+
+    url: str  # a data: URI or an http(s) URL, as the caller sent it
+    param: str  # the field holding the URL, for errors (`messages[0].content[1].image_url.url`)
+    part: str  # the content part (`messages[0].content[1]`)
+    image: Any = None  # PIL.Image.Image in RGB, set by the engine before the model sees it
+
+
 @dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    # Only for messages with images: text (str) and images in the caller's order. `content`
+    # is then the text parts joined.
+    parts: tuple[str | ImageInput, ...] = ()
+
+    @property
+    def images(self) -> list[ImageInput]:
+        return [part for part in self.parts if isinstance(part, ImageInput)]
 
 
 @dataclass
@@ -38,6 +56,9 @@ class GenerationRequest:
     prompt: str | list[int] | None = None
     echo: bool = False
     request_id: str = ""
+
+    def images(self) -> list[ImageInput]:
+        return [image for m in self.messages or [] for image in m.images]
 
 
 @dataclass(frozen=True)
@@ -175,3 +196,100 @@ class SpeechChunk:
 
     samples: Any  # numpy float32 array
     sample_rate: int
+
+
+# -- images ------------------------------------------------------------------------------------
+
+ImageMode = Literal["generate", "edit", "variation"]
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """Text to image, or (with `image`) image to image; `mask` marks where to repaint
+    (transparent pixels, as OpenAI's edits). None means the model's own default."""
+
+    model: str
+    prompt: str
+    mode: ImageMode = "generate"
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    quality: str = "auto"
+    strength: float | None = None
+    image: bytes | None = None
+    mask: bytes | None = None
+    output_format: str = "png"
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    data: bytes  # encoded in the requested format
+    media_type: str
+    suffix: str
+    seed: int
+
+
+@dataclass
+class ImageResult:
+    prompt: str
+    images: list[GeneratedImage]
+
+
+# -- rerank and moderation ---------------------------------------------------------------------
+
+# OpenAI's moderation categories. Every result carries all of them; a category the model does
+# not cover scores 0.0 and is never flagged.
+MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+    "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions", "sexual",
+    "sexual/minors", "violence", "violence/graphic",
+)
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """Order `documents` by relevance to `query`; `top_n` keeps the best n (None: all);
+    `model` None means the default reranker."""
+
+    model: str | None
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+
+
+@dataclass(frozen=True)
+class RankedDocument:
+    index: int  # the document's position in the request
+    relevance_score: float
+
+
+@dataclass
+class RerankResult:
+    model: str  # the name the caller sent, or the default model's id
+    results: list[RankedDocument]  # most relevant first
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class ModerationRequest:
+    """Classify each text on its own; `model` None means the default moderation model."""
+
+    model: str | None
+    texts: list[str]
+
+
+@dataclass(frozen=True)
+class ModerationVerdict:
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+@dataclass
+class ModerationResult:
+    model: str  # the name the caller sent, or the default model's id
+    results: list[ModerationVerdict]

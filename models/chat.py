@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -53,6 +54,9 @@ class PreparedPrompt:
     ids: list[int]
     text: str
     max_tokens: int
+    # Processor outputs besides the ids (pixel values, image grid sizes, ...) of a prompt with
+    # images; such a prompt is prefilled alone by `prefill_vision` (models/vision.py).
+    vision_inputs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -92,8 +96,12 @@ class TransformersChat(ModelAdapter):
             )
         except OSError as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        self._adopt(model)
+
+    def _adopt(self, model: Any) -> None:
+        """Move the loaded model to its device and read its limits and special tokens."""
         self.model = model.to(self.context.device).eval()
-        config = self.model.config
+        config = self.model.config.get_text_config()  # the language model's, for multimodal ones
         self.context_length = int(
             self.entry.limits.context_length
             or getattr(config, "max_position_embeddings", None)
@@ -167,6 +175,12 @@ class TransformersChat(ModelAdapter):
                 )
             text = self.tokenizer.decode(ids)
             param = "prompt"
+        return self._checked(ids, text, request, param)
+
+    def _checked(
+        self, ids: list[int], text: str, request: GenerationRequest, param: str
+    ) -> PreparedPrompt:
+        """The prompt, if it and max_tokens fit the context (nothing is truncated silently)."""
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
         room = self.context_length - len(ids)
@@ -235,6 +249,10 @@ class TransformersChat(ModelAdapter):
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         return KVBlock.from_cache(cache, mask), out.logits[:, -1, :].float()
 
+    def prefill_vision(self, prompt: PreparedPrompt) -> tuple[KVBlock, torch.Tensor, int]:
+        """Prefill one prompt with images: models.vision.VisionChat. Text models get none."""
+        raise NotImplementedError(f"{self.entry.id!r} cannot see images")
+
     @torch.no_grad()
     def prefill_chunk(self, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
         """Extend one prompt's cache by a chunk (long prompts prefill across scheduler steps,
@@ -245,10 +263,14 @@ class TransformersChat(ModelAdapter):
 
     @torch.no_grad()
     def decode(
-        self, cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor
+        self, cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor,
+        offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for every row of a left-padded batch. Returns (logits, the grown mask)."""
+        """One token for every row of a left-padded batch. Returns (logits, the grown mask).
+        `offsets` shifts rows' positions (rows whose prompt had images, on mRoPE models)."""
         positions = mask.sum(dim=1, keepdim=True)  # each row's real length = its next position
+        if offsets is not None:
+            positions = positions + offsets[:, None]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True)

@@ -141,6 +141,7 @@ class PiperVoice(ModelAdapter):
     def warmup(self) -> None:
         self.batch(self.prepare(SpeechRequest(self.entry.id, "Ready.", self.voice_names()[0])))
 
+
     # -- voices ------------------------------------------------------------------------------
 
     def voice_names(self) -> list[str]:
@@ -159,17 +160,22 @@ class PiperVoice(ModelAdapter):
 
     # -- the request thread ------------------------------------------------------------------
 
-    def prepare(self, request: SpeechRequest) -> list[Utterance]:
-        """Sentences → phoneme ids (one espeak-ng process per sentence)."""
+    def sentences(self, request: SpeechRequest) -> list[str]:
+        """Checks the voice and splits the text; phonemes come later, sentence by sentence."""
+        self._speaker(request.voice)
+        return split_sentences(request.text)
+
+    def prepare(self, request: SpeechRequest, sentences: list[str] | None = None) -> list[
+            Utterance]:
+        """Sentences → phoneme ids (one espeak-ng process per sentence, ~15 ms each).
+        Sentences with nothing to pronounce are dropped."""
         speaker = self._speaker(request.voice)
         length_scale = self.length_scale / request.speed
         utterances = []
-        for sentence in split_sentences(request.text):
+        for sentence in self.sentences(request) if sentences is None else sentences:
             ids = phoneme_ids(espeak_phonemes(sentence, self.espeak_voice), self.id_map)
             if len(ids) > 3:  # more than BOS, PAD, EOS: something to say
                 utterances.append(Utterance(ids, length_scale, speaker))
-        if not utterances:
-            raise InvalidRequestError("input has nothing to pronounce", param="input")
         return utterances
 
     @staticmethod

@@ -196,15 +196,17 @@ class WhisperSpeechToText(ModelAdapter):
     # -- the compute thread ------------------------------------------------------------------
 
     def batch(self, windows: list[AudioWindow]) -> list[WindowResult]:
-        """Decode windows of any requests together: one encoder pass for the windows whose
-        language is still unknown (language detection), then one batched encode + generate per
-        group of windows that share decoding options."""
+        """Decode windows of any requests together: one batched encoder pass, language
+        detection for the windows whose language is still unknown, then one `generate` per
+        group of windows that share decoding options (usually a single group, which reuses the
+        encoder output; other groups are encoded again with just their windows)."""
+        encoded = self.model.encode(np.stack([w.features for w in windows]))
         languages = [w.language for w in windows]
         unknown = [i for i, lang in enumerate(languages) if lang is None]
         if unknown:
-            encoded = self.model.encode(np.stack([windows[i].features for i in unknown]))
-            for i, ranked in zip(unknown, self.model.model.detect_language(encoded), strict=True):
-                languages[i] = ranked[0][0][2:-2]  # "<|de|>" → "de"
+            detected = self.model.model.detect_language(encoded)
+            for i in unknown:
+                languages[i] = detected[i][0][0][2:-2]  # "<|de|>" → "de"
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, window in enumerate(windows):
             key = (languages[i], window.task, window.prompt, window.temperature,
@@ -213,7 +215,8 @@ class WhisperSpeechToText(ModelAdapter):
         results: list[WindowResult] = [WindowResult("")] * len(windows)
         for indexes in groups.values():
             group = [replace(windows[i], language=languages[i]) for i in indexes]
-            for i, result in zip(indexes, self._decode(group), strict=True):
+            reuse = encoded if len(groups) == 1 else None
+            for i, result in zip(indexes, self._decode(group, reuse), strict=True):
                 results[i] = result
         return results
 
@@ -225,13 +228,15 @@ class WhisperSpeechToText(ModelAdapter):
             )
         return self._tokenizers[key]
 
-    def _decode(self, windows: list[AudioWindow]) -> list[WindowResult]:
+    def _decode(self, windows: list[AudioWindow], encoded: Any = None) -> list[WindowResult]:
         first = windows[0]
         assert first.language is not None
         tokenizer = self._tokenizer(first.task, first.language)
         previous = tokenizer.encode(" " + first.prompt.strip()) if first.prompt else []
         prompt = self.model.get_prompt(tokenizer, previous_tokens=previous)
-        encoder_output = self.model.encode(np.stack([w.features for w in windows]))
+        encoder_output = encoded if encoded is not None else self.model.encode(
+            np.stack([w.features for w in windows])
+        )
         search: dict[str, Any] = {"beam_size": self.beam_size}
         if first.temperature > 0:  # sampling over the whole vocabulary, as Whisper does
             search = {"beam_size": 1, "sampling_topk": 0,

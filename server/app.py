@@ -19,6 +19,8 @@ from engine.errors import PayloadTooLargeError
 from engine.service import Engine
 from engine.settings import Settings, load_settings
 from server.errors import envelope_for, install_error_handlers, log
+from server.openai.generations import router as generations_router
+from server.openai.retrieval import router as retrieval_router
 from server.openai.routes import router as openai_router
 
 
@@ -101,6 +103,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = engine
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(generations_router)
+    app.include_router(retrieval_router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -14,7 +14,13 @@ import yaml
 from engine.registry import Registry
 from engine.settings import Settings
 from server.app import create_app
-from tests.tiny_models import build_tiny_llama
+from tests.tiny_models import (
+    build_tiny_llama,
+    build_tiny_llava,
+    build_tiny_musicgen,
+    build_tiny_stable_diffusion,
+    build_tiny_text_to_video,
+)
 
 TINY_CONTEXT = 256
 
@@ -32,7 +38,38 @@ def packaged(model_id: str, **changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def test_registry(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path) -> Path:
+def tiny_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), TINY_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-diffusion"))
+
+
+TINY_VIDEO_OPTIONS = {
+    "default_size": [64, 48], "size_multiple": 8, "max_side": 128, "min_side": 32,
+    "default_fps": 8, "max_fps": 24, "default_duration": 1.0, "max_duration": 2.0,
+    "frame_rule": "4k+1", "max_frames": 17, "default_steps": 3, "max_steps": 60,
+    "default_guidance": 7.5,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_text_to_video(tmp_path_factory.mktemp("tiny-video"))
+
+
+@pytest.fixture(scope="session")
+def tiny_music_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_musicgen(tmp_path_factory.mktemp("tiny-music"))
+
+
+@pytest.fixture(scope="session")
+def test_registry(
+    tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path, tiny_diffusion_dir: Path,
+    tiny_video_dir: Path, tiny_music_dir: Path, tiny_vision_dir: Path,
+) -> Path:
     """Tiny chat model (with the OpenAI alias), the real packaged MiniLM, and a chat entry whose
     folder holds no model, to see load failures isolated."""
     root = tmp_path_factory.mktemp("registry")
@@ -52,10 +89,57 @@ def test_registry(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path)
         packaged("whisper-tiny-en", default=True, aliases=["whisper-1"]),
         packaged("whisper-base", default=False, aliases=[]),
         packaged("piper-en-us-joe"),
+        {"id": "tiny-diffusion", "task": "image", "adapter": "models.diffusion:DiffusionImages",
+         "source": str(tiny_diffusion_dir), "default": True, "dtype": "float32",
+         "aliases": ["dall-e-2", "dall-e-3"], "limits": {"max_batch_size": 4, "max_wait_ms": 50},
+         "options": {"default_size": [64, 64], "max_side": 256, "default_steps": 2,
+                     "max_steps": 8, "default_guidance": 0.0}},
+        packaged("sd-turbo", default=False, aliases=[]),
+        {"id": "tiny-video", "task": "video", "adapter": "models.video:TextToVideo",
+         "source": str(tiny_video_dir), "default": True, "dtype": "float32",
+         "aliases": ["text-to-video"], "options": TINY_VIDEO_OPTIONS},
+        {"id": "tiny-music", "task": "music", "adapter": "models.music:MusicGen",
+         "source": str(tiny_music_dir), "default": True, "dtype": "float32",
+         "aliases": ["musicgen"], "options": {"default_duration": 0.5, "max_duration": 2.0}},
+        packaged("ltx-video", default=False, aliases=[]),
+        # Vision: a tiny LLaVA, and a chat model that hands its image requests to it.
+        {"id": "tiny-vision", "task": "vision", "adapter": "models.vision:VisionChat",
+         "source": str(tiny_vision_dir), "dtype": "float32"},
+        {"id": "tiny-chat-sees", "task": "chat", "adapter": "models.chat:TransformersChat",
+         "source": str(tiny_chat_dir), "dtype": "float32",
+         "options": {"vision_model": "tiny-vision"}},
+        *rerank_and_moderation_entries(root),
     ]
     path = root / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}))
     return path
+
+
+def rerank_and_moderation_entries(root: Path) -> list[dict[str, Any]]:
+    """The packaged defaults (MiniLM bi-encoder reranker, alt-profanity-check), a tiny random
+    cross-encoder, and a tiny random multi-label classifier mapped onto OpenAI categories."""
+    from tests.tiny_models import build_tiny_bert_classifier
+
+    cross_encoder = build_tiny_bert_classifier(root / "tiny-cross-encoder", ["relevance"])
+    classifier = build_tiny_bert_classifier(
+        root / "tiny-moderation", ["toxic", "threat", "sexual_explicit"],
+        problem_type="multi_label_classification",
+    )
+    return [
+        packaged("minilm-biencoder-rerank", dtype="float32"),
+        {"id": "tiny-cross-encoder", "task": "rerank",
+         "adapter": "models.rerank:CrossEncoderRerank", "source": str(cross_encoder),
+         "dtype": "float32"},
+        packaged("profanity-check"),
+        # Thresholds 0 and 1 make the random scores flag `harassment` and never `sexual`.
+        {"id": "tiny-moderation", "task": "moderation",
+         "adapter": "models.moderation:TransformersModeration", "source": str(classifier),
+         "dtype": "float32",
+         "options": {"label_map": {"toxic": "harassment",
+                                   "threat": ["harassment/threatening", "violence"],
+                                   "sexual_explicit": "sexual"},
+                     "thresholds": {"harassment": 0.0, "sexual": 1.0}}},
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import Field, ValidationError, field_validator
-from starlette.datastructures import UploadFile
+from pydantic import Field, field_validator
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from engine.audio import AUDIO_FORMATS
 from engine.errors import InvalidRequestError
 from engine.types import SpeechRequest, Transcription, TranscriptionRequest, TranscriptSegment
+from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
 
 TranscriptFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
@@ -39,24 +38,15 @@ async def read_transcription_form(
 ) -> tuple[TranscriptionForm, TranscriptionRequest]:
     """The multipart form → the validated fields and the engine's request. A missing or
     non-file `file` and bad fields are 400s naming the field."""
-    async with request.form() as form:
-        fields: dict[str, Any] = {}
-        for key in form:
-            values = form.getlist(key)
-            fields[key] = values if key.endswith("[]") else values[-1]
-        upload = fields.pop("file", None)
-        if not isinstance(upload, UploadFile):
-            raise InvalidRequestError(
-                "Missing required parameter: 'file' (an audio file, sent as multipart form "
-                "data).", param="file", code="missing_required_parameter",
-            )
-        audio = await upload.read()
-    try:
-        body = TranscriptionForm.model_validate(fields)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
+    fields, files = await read_form(request, ("file",))
+    if "file" not in files:
+        raise InvalidRequestError(
+            "Missing required parameter: 'file' (an audio file, sent as multipart form data).",
+            param="file", code="missing_required_parameter",
+        )
+    body = validate_form(TranscriptionForm, fields)
     engine_request = TranscriptionRequest(
-        model=body.model, audio=audio, task=task,
+        model=body.model, audio=files["file"], task=task,
         # Translation always produces English; the source language is detected.
         language=(body.language or None) if task == "transcribe" else None,
         prompt=body.prompt, temperature=body.temperature,

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
 from engine.audio import MEDIA_TYPES, AudioEncoder
 from engine.manager import ModelStatus
@@ -29,7 +29,7 @@ from engine.types import (
 )
 from server.deps import EngineDep, require_api_key
 from server.errors import openai_envelope
-from server.openai import audio, translate
+from server.openai import audio, images, translate
 from server.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -211,6 +211,62 @@ async def _speech_events(encoded: AsyncIterator[bytes]) -> AsyncIterator[dict[st
 async def voices(engine: EngineDep) -> Any:
     """ember extension: every text-to-speech voice, with the names that map onto it."""
     return {"object": "list", "data": [asdict(v) for v in list_voices(engine.registry)]}
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def _base_url(request: Request, engine: Engine) -> str:
+    return engine.settings.public_url or str(request.base_url)
+
+
+@router.post("/images/generations")
+async def image_generations(
+    body: images.ImageGenerationIn, request: Request, engine: EngineDep
+) -> Any:
+    _note_unknown(body, request)
+    job = images.image_request(body, engine.registry, "generate", body.prompt)
+    result = await engine.generate_images(job)
+    return JSON(await images.images_response(
+        result, body, engine.artifacts, _base_url(request, engine)))
+
+
+@router.post("/images/edits")
+async def image_edits(request: Request, engine: EngineDep) -> Any:
+    return await _image_from_image(request, engine, "edit")
+
+
+@router.post("/images/variations")
+async def image_variations(request: Request, engine: EngineDep) -> Any:
+    return await _image_from_image(request, engine, "variation")
+
+
+async def _image_from_image(
+    request: Request, engine: Engine, mode: Literal["edit", "variation"]
+) -> Any:
+    body, job = await images.read_edit_form(request, engine.registry, mode)
+    _note_unknown(body, request)
+    result = await engine.generate_images(job)
+    return JSON(await images.images_response(
+        result, body, engine.artifacts, _base_url(request, engine)))
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+@router.get("/files/{file_id}")
+async def file_info(file_id: str, engine: EngineDep) -> Any:
+    artifact = engine.artifacts.get(file_id)
+    return {"id": artifact.id, "object": "file", "bytes": artifact.bytes,
+            "created_at": artifact.created_at, "expires_at": artifact.expires_at,
+            "filename": artifact.filename, "purpose": "output", "status": "processed"}
+
+
+@router.get("/files/{file_id}/content")
+async def file_content(file_id: str, engine: EngineDep) -> Any:
+    artifact = engine.artifacts.get(file_id)
+    return FileResponse(artifact.path, media_type=artifact.media_type,
+                        filename=artifact.filename)
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from engine.types import (
     EmbeddingResult,
     GenerationRequest,
     GenerationResult,
+    ImageInput,
     SamplingParams,
     Usage,
 )
@@ -48,27 +49,47 @@ def _sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
     )
 
 
-def _message_text(message: ChatMessageIn, index: int) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    texts = []
+def _image_part(part: dict[str, Any], where: str) -> ImageInput:
+    """`{"type": "image_url", "image_url": {"url", "detail"}}` (Chat Completions) or
+    `{"type": "input_image", "image_url": "...", "detail"}` (Responses style). `detail` is
+    accepted and left to the model's processor, which picks the resolution itself."""
+    value = part.get("image_url")
+    if isinstance(value, dict):
+        url, param, detail = value.get("url"), f"{where}.image_url.url", value.get("detail")
+    else:
+        url, param, detail = value, f"{where}.image_url", part.get("detail")
+    if url is None:
+        raise InvalidRequestError(
+            f"Missing required parameter: '{param}'.", param=param,
+            code="missing_required_parameter",
+        )
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidRequestError("the image URL must be a non-empty string", param=param)
+    if detail is not None and not isinstance(detail, str):
+        raise InvalidRequestError("detail must be a string ('auto', 'low' or 'high')",
+                                  param=param.rsplit(".", 1)[0] + ".detail")
+    return ImageInput(url=url.strip(), param=param, part=where)
+
+
+def _message(message: ChatMessageIn, index: int) -> ChatMessage:
+    if message.content is None or isinstance(message.content, str):
+        return ChatMessage(role=message.role, content=message.content or "")
+    parts: list[str | ImageInput] = []
     for part_index, part in enumerate(message.content):
         where = f"messages[{index}].content[{part_index}]"
         kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+            parts.append(part["text"])
         elif kind in ("image_url", "input_image"):
-            raise UnsupportedFeatureError(
-                "This model cannot see images. Send image parts to a vision-capable model.",
-                param=where,
-            )
+            parts.append(_image_part(part, where))
         else:
             raise InvalidRequestError(
-                f"Unsupported content part type {kind!r}; expected 'text'", param=where
+                f"Unsupported content part type {kind!r}; expected 'text' or 'image_url'",
+                param=where,
             )
-    return "".join(texts)
+    text = "".join(p for p in parts if isinstance(p, str))
+    has_images = any(isinstance(p, ImageInput) for p in parts)
+    return ChatMessage(role=message.role, content=text, parts=tuple(parts) if has_images else ())
 
 
 def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
@@ -86,9 +107,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         )
     if body.logprobs:
         raise UnsupportedFeatureError("logprobs are not supported yet", param="logprobs")
-    messages = [
-        ChatMessage(role=m.role, content=_message_text(m, i)) for i, m in enumerate(body.messages)
-    ]
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
     max_tokens = body.max_completion_tokens or body.max_tokens
     return GenerationRequest(
         model=body.model, params=_sampling(body, max_tokens), messages=messages,

@@ -39,8 +39,9 @@ class CountingAdapter(ModelAdapter):
 
 
 def entry(model_id: str, mb: float = 10, **options: Any) -> ModelEntry:
-    return ModelEntry(id=model_id, task="chat", adapter="unused:Unused", source="unused",
-                      options={"mb": mb, **options})
+    # The source only needs to exist: the fake adapter loads nothing from it.
+    return ModelEntry(id=model_id, task="chat", adapter="unused:Unused",
+                      source=str(Path(__file__).parent), options={"mb": mb, **options})
 
 
 def manager_for(entries: list[ModelEntry], tmp_path: Path, **settings: Any) -> ModelManager:

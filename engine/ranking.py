@@ -1,0 +1,109 @@
+"""Rerank and moderation: the one implementation every dialect calls. Tokenizing runs on a
+worker thread; models run on the compute thread through each model's `Batcher`, one item per
+document (pair) or text, so items of concurrent requests share batches, grouped by length."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from engine import metrics
+from engine.errors import InvalidRequestError, ModelNotFoundError
+from engine.manager import ModelManager
+from engine.registry import Task
+from engine.settings import Settings
+from engine.types import (
+    MODERATION_CATEGORIES,
+    ModerationRequest,
+    ModerationResult,
+    ModerationVerdict,
+    RankedDocument,
+    RerankRequest,
+    RerankResult,
+)
+
+
+async def submit_all(runner: Any, items: Sequence[Any]) -> list[Any]:
+    """Every result, in order. A request with more items than the model's queue holds goes in
+    slices of half the queue: submitted whole, it would be refused with 429 however long the
+    caller waited."""
+    if len(items) <= runner.max_queue:
+        return list(await runner.submit_many(items))
+    step = max(1, runner.max_queue // 2)
+    results: list[Any] = []
+    for start in range(0, len(items), step):
+        results += await runner.submit_many(items[start:start + step])
+    return results
+
+
+def _check_count(count: int, limit: int, param: str, setting: str) -> None:
+    if count == 0:
+        raise InvalidRequestError(f"{param} must not be empty", param=param)
+    if count > limit:
+        raise InvalidRequestError(
+            f"{param} has {count} items; at most {limit} are allowed per request "
+            f"(setting {setting})",
+            param=param,
+        )
+
+
+def _model_name(manager: ModelManager, name: str | None, task: Task) -> str:
+    """The name the caller sent, or the task's default model's id."""
+    if name is not None:
+        return name
+    default = manager.registry.default_for(task)
+    if default is None:
+        raise ModelNotFoundError(f"No default {task} model is configured; name one in `model`.",
+                                 param="model")
+    return default.id
+
+
+async def rerank(manager: ModelManager, settings: Settings, request: RerankRequest) -> RerankResult:
+    name = _model_name(manager, request.model, "rerank")
+    if not request.query:
+        raise InvalidRequestError("query must not be empty", param="query")
+    count = len(request.documents)
+    _check_count(count, settings.max_rerank_documents, "documents", "max_rerank_documents")
+    for index, document in enumerate(request.documents):
+        if not document:
+            raise InvalidRequestError(f"documents[{index}] is empty", param=f"documents[{index}]")
+    if request.top_n is not None and request.top_n < 1:
+        raise InvalidRequestError(f"top_n must be at least 1; got {request.top_n}",
+                                  param="top_n")
+    async with manager.lease(name, "rerank") as slot:
+        adapter = slot.adapter
+        items = await asyncio.to_thread(adapter.prepare, request.query, request.documents)
+        scores: list[float] = adapter.relevance(await submit_all(slot.runner, items))
+        tokens = sum(map(adapter.size_of, items))
+    metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
+    # Ties keep the documents' order, so equal scores rank the same way every time.
+    order = sorted(range(count), key=lambda i: (-scores[i], i))[: request.top_n or count]
+    ranked = [RankedDocument(index=i, relevance_score=scores[i]) for i in order]
+    return RerankResult(model=name, results=ranked, total_tokens=tokens)
+
+
+def verdict(scores: dict[str, float], thresholds: dict[str, float]) -> ModerationVerdict:
+    """Every OpenAI category: the model's score where it covers it, else 0.0 and not flagged."""
+    category_scores = {c: scores.get(c, 0.0) for c in MODERATION_CATEGORIES}
+    categories = {c: c in scores and scores[c] >= thresholds[c] for c in MODERATION_CATEGORIES}
+    return ModerationVerdict(flagged=any(categories.values()), categories=categories,
+                             category_scores=category_scores)
+
+
+async def moderate(
+    manager: ModelManager, settings: Settings, request: ModerationRequest
+) -> ModerationResult:
+    name = _model_name(manager, request.model, "moderation")
+    _check_count(len(request.texts), settings.max_embedding_inputs, "input",
+                 "max_embedding_inputs")
+    for index, text in enumerate(request.texts):
+        if not text:
+            raise InvalidRequestError(f"input[{index}] is an empty string",
+                                      param=f"input[{index}]")
+    async with manager.lease(name, "moderation") as slot:
+        adapter = slot.adapter
+        items = await asyncio.to_thread(adapter.prepare, request.texts)
+        scores = await submit_all(slot.runner, items)
+        thresholds = adapter.thresholds
+    return ModerationResult(model=name, results=[verdict(s, thresholds) for s in scores])

@@ -1,0 +1,276 @@
+"""Image generation on diffusers pipelines: text to image, image to image and inpainting from
+one loaded checkpoint (the image-to-image and inpainting pipelines share its components).
+
+Each image is one item for the engine's `Batcher`: the `n` images of a request, and images of
+concurrent requests with the same mode, size, steps and guidance, run in one pipeline call.
+Every image has its own seeded generator, so a seed gives the same image whatever it was
+batched with. Steps are logged for long generations, and a batch whose callers have all gone
+stops at the next step.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
+from engine.sources import resolve_source
+from engine.types import ImageRequest
+from models.base import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+PROGRESS_LOG_S = 5.0
+MAX_SEED = 2**63 - 1
+MIN_SIDE = 64
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make, with everything its pipeline call needs."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    mode: str  # "text", "image" (image to image) or "inpaint"
+    strength: float = 1.0
+    init_image: Any = None
+    mask: Any = None
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Jobs that can share one pipeline call."""
+        return (self.mode, self.width, self.height, self.steps, self.guidance, self.strength)
+
+
+def _open_image(data: bytes, param: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidRequestError(
+            f"{param} is not an image that can be read (png, jpeg or webp)",
+            param=param,
+        ) from exc
+    return image
+
+
+class DiffusionImages(ModelAdapter):
+    """Registry `options` (the model's right defaults and limits): `default_size` [w, h],
+    `max_side`, `default_steps`, `max_steps`, `default_guidance`, `max_prompt_chars`."""
+
+    def load(self) -> None:
+        from diffusers import AutoPipelineForText2Image
+
+        path = resolve_source(self.entry)
+        try:
+            pipeline = AutoPipelineForText2Image.from_pretrained(
+                path, torch_dtype=self.context.dtype, local_files_only=True,
+                trust_remote_code=self.entry.trust_remote_code,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        pipeline.set_progress_bar_config(disable=True)
+        self.model = pipeline.to(self.context.device)
+        self._pipelines: dict[str, Any] = {"text": self.model}
+        options = self.entry.options
+        width, height = options.get("default_size", [512, 512])
+        self.default_size = (int(width), int(height))
+        self.max_side = int(options.get("max_side", max(self.default_size)))
+        self.default_steps = int(options.get("default_steps", 30))
+        self.max_steps = int(options.get("max_steps", 100))
+        self.default_guidance = float(options.get("default_guidance", 7.5))
+        self.max_prompt_chars = int(options.get("max_prompt_chars", 4000))
+
+    def memory_bytes(self) -> int:
+        modules = [m for m in self.model.components.values() if isinstance(m, torch.nn.Module)]
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def unload(self) -> None:
+        self._pipelines = {}
+        super().unload()
+
+    def warmup(self) -> None:
+        side = max(MIN_SIDE, min(self.default_size) // 4 // 8 * 8)
+        self.batch([ImageJob("warm up", None, side, side, 1, self.default_guidance, 0, "text")])
+
+    def _pipeline(self, mode: str) -> Any:
+        if mode not in self._pipelines:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+            factory = AutoPipelineForImage2Image if mode == "image" else AutoPipelineForInpainting
+            kind = "image-to-image" if mode == "image" else "inpainting"
+            try:
+                pipeline = factory.from_pipe(self.model)
+            except (ValueError, KeyError) as exc:
+                raise UnsupportedFeatureError(
+                    f"{self.entry.id!r} has no {kind} pipeline", param="image"
+                ) from exc
+            pipeline.set_progress_bar_config(disable=True)
+            self._pipelines[mode] = pipeline
+        return self._pipelines[mode]
+
+    # -- the request thread ------------------------------------------------------------------
+
+    def _check_side(self, width: int, height: int) -> None:
+        for side in (width, height):
+            if side % 8 or not MIN_SIDE <= side <= self.max_side:
+                raise InvalidRequestError(
+                    f"size {width}x{height} is not supported by {self.entry.id!r}: each side "
+                    f"must be a multiple of 8 between {MIN_SIDE} and {self.max_side}",
+                    param="size",
+                )
+
+    def _steps(self, request: ImageRequest) -> int:
+        if request.steps is not None:
+            steps = request.steps
+        elif request.quality in ("hd", "high") and self.default_steps >= 10:
+            steps = min(self.max_steps, self.default_steps * 2)  # more steps, more detail
+        elif request.quality == "low":
+            steps = max(1, self.default_steps // 2)
+        else:
+            steps = self.default_steps
+        if not 1 <= steps <= self.max_steps:
+            raise InvalidRequestError(
+                f"num_inference_steps must be between 1 and {self.max_steps}; got {steps}",
+                param="num_inference_steps",
+            )
+        return steps
+
+    def prepare(self, request: ImageRequest) -> list[ImageJob]:
+        """Validate against this model's limits and decode input images: one job per image."""
+        if request.mode != "variation" and not request.prompt.strip():
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if len(request.prompt) > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"prompt has {len(request.prompt)} characters; {self.entry.id!r} accepts at "
+                f"most {self.max_prompt_chars}", param="prompt",
+            )
+        guidance = self.default_guidance if request.guidance_scale is None \
+            else request.guidance_scale
+        if not 0 <= guidance <= 30:
+            raise InvalidRequestError(
+                f"guidance_scale must be between 0 and 30; got {guidance}", param="guidance_scale"
+            )
+        strength = 1.0 if request.strength is None else request.strength
+        if not 0 < strength <= 1:
+            raise InvalidRequestError(
+                f"strength must be in (0, 1]; got {strength}", param="strength"
+            )
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n:
+            raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}", param="seed")
+        steps = self._steps(request)
+        init_image = mask = None
+        width, height = request.width, request.height
+        mode = "text"
+        if request.image is not None:
+            init_image = _open_image(request.image, "image").convert("RGB")
+            if width is None or height is None:  # keep the input's size, on the 8-pixel grid
+                scale = min(1.0, self.max_side / max(init_image.size))
+                width, height = (max(MIN_SIDE, int(side * scale) // 8 * 8)
+                                 for side in init_image.size)
+            mode = "image"
+            if request.mask is not None:
+                mask = self._inpaint_mask(_open_image(request.mask, "mask"), init_image)
+                mode = "inpaint"
+            # Variations keep the picture's composition; edits follow the prompt more.
+            if request.strength is None:
+                strength = 0.6 if request.mode == "variation" else 0.8
+        width, height = width or self.default_size[0], height or self.default_size[1]
+        self._check_side(width, height)
+        if init_image is not None:
+            init_image = init_image.resize((width, height))
+            mask = mask.resize((width, height)) if mask is not None else None
+        first_seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        return [
+            ImageJob(
+                prompt=request.prompt, negative_prompt=request.negative_prompt, width=width,
+                height=height, steps=steps, guidance=guidance, seed=first_seed + index,
+                mode=mode, strength=strength if mode != "text" else 1.0,
+                init_image=init_image, mask=mask,
+            )
+            for index in range(request.n)
+        ]
+
+    @staticmethod
+    def _inpaint_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
+        """OpenAI masks mark the area to repaint with transparent pixels; diffusers wants it
+        white on black."""
+        if mask.size != image.size:
+            raise InvalidRequestError(
+                f"mask is {mask.size[0]}x{mask.size[1]} but image is "
+                f"{image.size[0]}x{image.size[1]}; they must match", param="mask",
+            )
+        if "A" not in mask.getbands():
+            raise InvalidRequestError(
+                "mask must be a PNG with an alpha channel (transparent = repaint)", param="mask"
+            )
+        return mask.getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+
+    @staticmethod
+    def size_of(job: ImageJob) -> int:
+        return job.width * job.height
+
+    # -- the compute thread ------------------------------------------------------------------
+
+    def batch(self, jobs: list[ImageJob]) -> list[Image.Image]:
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for index, job in enumerate(jobs):
+            groups[job.group].append(index)
+        images: list[Any] = [None] * len(jobs)
+        for indexes in groups.values():
+            group = [jobs[i] for i in indexes]
+            for i, image in zip(indexes, self._generate(group), strict=True):
+                images[i] = image
+        return images
+
+    @torch.inference_mode()
+    def _generate(self, jobs: list[ImageJob]) -> list[Image.Image]:
+        first = jobs[0]
+        pipeline = self._pipeline(first.mode)
+        started = last_log = time.monotonic()
+
+        def on_step_end(pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
+            nonlocal last_log
+            if all(job.cancelled.is_set() for job in jobs):
+                pipe._interrupt = True  # diffusers checks it before the next step
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_LOG_S:
+                last_log = now
+                log.info("%s: step %d/%d for %d image(s), %.0f s", self.entry.id, step + 1,
+                         first.steps, len(jobs), now - started)
+            return tensors
+
+        arguments: dict[str, Any] = {
+            "prompt": [job.prompt for job in jobs],
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+            "callback_on_step_end": on_step_end,
+            "output_type": "pil",
+        }
+        if any(job.negative_prompt for job in jobs):
+            arguments["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
+        if first.mode == "text" or first.mode == "inpaint":
+            arguments.update(width=first.width, height=first.height)
+        if first.mode != "text":
+            arguments.update(image=[job.init_image for job in jobs], strength=first.strength)
+        if first.mode == "inpaint":
+            arguments["mask_image"] = [job.mask for job in jobs]
+        images: list[Image.Image] = pipeline(**arguments).images
+        return images

@@ -1,0 +1,214 @@
+"""Music from a text prompt with MusicGen (transformers), encoded to wav, mp3 or flac.
+
+MusicGen predicts its audio codec's codebooks with a delay pattern (codebook i lags i steps),
+so `seconds x frame rate` audio frames take `num_codebooks - 1` more decoder steps; the codec
+then decodes the frames to audio at its native rate, which is encoded without resampling and
+cut to the asked duration.
+
+Sampling is done here, not by `generate`: its sampler draws from the process-wide torch RNG,
+which requests on other threads draw from too, so a seed would not reproduce. A logits
+processor applies classifier-free guidance and the model's own top-k and temperature, draws
+each token from the job's private generator, and hands `generate` (run greedy) scores that
+leave that one token.
+
+Registry `options`: `default_duration`, `max_duration` (seconds), `default_guidance`,
+`max_prompt_chars`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor
+
+from engine.audio import MEDIA_TYPES, encode_audio
+from engine.errors import InvalidRequestError, ModelLoadError
+from engine.registry import ModelEntry
+from engine.sources import resolve_source
+from engine.types import SamplingParams
+from models.base import ModelAdapter
+from models.decoding import sample_rows
+from models.media import (
+    MAX_GUIDANCE,
+    MediaResult,
+    StepProgress,
+    number_param,
+    prompt_param,
+    seed_param,
+)
+
+log = logging.getLogger(__name__)
+
+MUSIC_FORMATS = ("wav", "mp3", "flac")
+# Reports every 1% are plenty: a 30 s clip is ~1500 tokens.
+PROGRESS_INCREMENT = 0.01
+
+
+class _SeededSampler(LogitsProcessor):
+    """Guidance, top-k/temperature and a seeded draw; returns scores that leave one token.
+
+    It runs before `generate`'s own guidance processor, on the conditional rows stacked over
+    the unconditional ones; it returns the chosen token's scores for both halves, so that
+    processor's `uncond + scale * (cond - uncond)` leaves them as they are.
+    """
+
+    def __init__(self, guidance_scale: float, params: SamplingParams, generator: torch.Generator):
+        self._guidance = (ClassifierFreeGuidanceLogitsProcessor(guidance_scale)
+                          if guidance_scale > 1 else None)
+        self._params = params
+        self._generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        guided = self._guidance(input_ids, scores) if self._guidance is not None else scores
+        rows = guided.shape[0]
+        # Drawn on the CPU from the job's generator, row by row: reproducible anywhere.
+        tokens = sample_rows(guided.float().cpu(), [self._params] * rows,
+                             [self._generator] * rows).to(scores.device)
+        chosen = torch.full_like(guided, torch.finfo(guided.dtype).min)
+        chosen.scatter_(1, tokens[:, None], 0.0)
+        return torch.cat([chosen, chosen]) if self._guidance is not None else chosen
+
+
+class _TokenProgress(StoppingCriteria):
+    """Counts decoder steps for progress; raises when the job is cancelled (never stops a run
+    otherwise: the length is set by max_new_tokens)."""
+
+    def __init__(self, tracker: StepProgress):
+        self._tracker = tracker
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                 **kwargs: Any) -> torch.BoolTensor:
+        self._tracker.step()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class MusicGen(ModelAdapter):
+    """MusicgenForConditionalGeneration with its processor; one job at a time."""
+
+    @classmethod
+    def validate(cls, entry: ModelEntry, params: dict[str, Any]) -> dict[str, Any]:
+        """The request checked against the entry's limits, with its defaults filled in.
+        Idempotent: validating the result again returns it unchanged."""
+        options = entry.options
+        prompt = prompt_param(params, options)
+        max_duration = float(options.get("max_duration", 30.0))
+        duration = number_param(
+            params, "duration", float(options.get("default_duration", min(10.0, max_duration))),
+            low=0.0, high=max_duration, low_inclusive=False, unit=" seconds",
+        )
+        response_format = params.get("response_format") or "wav"
+        if response_format not in MUSIC_FORMATS:
+            raise InvalidRequestError(
+                f"response_format must be one of {', '.join(MUSIC_FORMATS)}; "
+                f"got {response_format!r}", param="response_format",
+            )
+        # MusicGen's own default is 3; 1 or less turns guidance off.
+        guidance = number_param(
+            params, "guidance_scale", float(options.get("default_guidance", 3.0)),
+            low=0.0, high=MAX_GUIDANCE,
+        )
+        return {
+            "prompt": prompt,
+            "duration": duration,
+            "response_format": response_format,
+            "seed": seed_param(params),
+            "guidance_scale": guidance,
+        }
+
+    def load(self) -> None:
+        from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+        path = resolve_source(self.entry)
+        remote = self.entry.trust_remote_code
+        try:
+            self.processor = AutoProcessor.from_pretrained(
+                path, local_files_only=True, trust_remote_code=remote
+            )
+            model = MusicgenForConditionalGeneration.from_pretrained(
+                path, dtype=self.context.dtype, local_files_only=True, trust_remote_code=remote
+            )
+        except (OSError, ValueError, ImportError) as exc:
+            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        self.model = model.to(self.context.device).eval()
+        codec = model.config.audio_encoder
+        self.sample_rate = int(codec.sampling_rate)
+        self.frame_rate = float(codec.frame_rate)  # codec frames per second of audio
+        self.num_codebooks = int(model.decoder.num_codebooks)
+        defaults = model.generation_config
+        self.sampling = SamplingParams(
+            temperature=float(defaults.temperature or 1.0), top_k=int(defaults.top_k or 0),
+            top_p=float(defaults.top_p or 1.0),
+        )
+
+    def unload(self) -> None:
+        self.processor = None
+        super().unload()
+
+    def max_new_tokens(self, duration: float) -> int:
+        return math.ceil(duration * self.frame_rate) + self.num_codebooks - 1
+
+    @torch.inference_mode()
+    def run(
+        self,
+        params: dict[str, Any],
+        progress: Callable[[float], None],
+        cancelled: threading.Event,
+    ) -> MediaResult:
+        params = self.validate(self.entry, params)  # params stored by an older version, too
+        new_tokens = self.max_new_tokens(params["duration"])
+        tracker = StepProgress(f"{self.entry.id} music", new_tokens, progress, cancelled,
+                               min_increment=PROGRESS_INCREMENT)
+        tracker.check_cancelled()
+        inputs = self.processor(text=[params["prompt"]], padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.context.device) for k, v in inputs.items()}
+        generation_config = copy.deepcopy(self.model.generation_config)
+        # Greedy over scores that leave one token: _SeededSampler has already sampled. The
+        # sampling fields get transformers' neutral values (None would be refilled from the
+        # model's config, and a greedy run with top_k 250 logs a warning).
+        generation_config.update(
+            do_sample=False, top_k=50, top_p=1.0, temperature=1.0,
+            guidance_scale=params["guidance_scale"], max_new_tokens=new_tokens,
+        )
+        generator = torch.Generator("cpu").manual_seed(params["seed"])
+        audio = self.model.generate(
+            **inputs,
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList(
+                [_SeededSampler(params["guidance_scale"], self.sampling, generator)]
+            ),
+            stopping_criteria=StoppingCriteriaList([_TokenProgress(tracker)]),
+        )
+        # (batch, channels, samples); stereo checkpoints are mixed down: the encoder is mono.
+        samples = audio[0].float().mean(dim=0).cpu().numpy().astype(np.float32)
+        samples = samples[: round(params["duration"] * self.sample_rate)]
+        fmt = params["response_format"]
+        data = encode_audio(samples, self.sample_rate, fmt, rate=self.sample_rate)
+        tracker.finish()
+        return MediaResult(
+            data=data,
+            media_type=MEDIA_TYPES[fmt],
+            suffix=f".{fmt}",
+            metadata={
+                "format": fmt,
+                "duration_s": samples.size / self.sample_rate,
+                "requested_duration_s": params["duration"],
+                "sample_rate": self.sample_rate,
+                "channels": 1,
+                "seed": params["seed"],
+                "guidance_scale": params["guidance_scale"],
+                "tokens": new_tokens,
+            },
+        )

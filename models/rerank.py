@@ -1,0 +1,124 @@
+"""Rerankers: how relevant each document is to a query.
+
+Both adapters implement one small contract, which engine/ranking.py drives:
+`prepare(query, documents)` (on the request path: tokenize, check limits) → batch items;
+`size_of(item)`; `batch(items)` (on the compute thread); `relevance(outputs)` → one score per
+document, in order.
+
+- `CrossEncoderRerank`: a sentence-transformers `CrossEncoder` (e.g. BAAI/bge-reranker-base)
+  reads query and document together; one batch item per (query, document) pair; the score is
+  the model's own activation of its single logit (sigmoid: 0..1).
+- `BiEncoderRerank`: an embedding model; the score is the cosine of the query's and the
+  document's embeddings (-1..1). Each text is embedded once, so its items are the query and
+  the documents rather than pairs (a pair item would embed the query again per document).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from sentence_transformers import CrossEncoder
+
+from engine.errors import ContextLengthExceededError, ModelLoadError
+from engine.sources import resolve_source
+from models.base import ModelAdapter
+from models.embeddings import SentenceTransformerEmbeddings
+from models.sequence import Encoded, EncoderInputs, token_limit
+
+
+def too_long(param: str, tokens: int, limit: int, model_id: str, pair: bool = False) -> NoReturn:
+    """No silent truncation: an input over the model's limit is a 400 naming it."""
+    subject = f"the query and {param} together have" if pair else f"{param} has"
+    unit = "query-document pair" if pair else "input"
+    raise ContextLengthExceededError(
+        f"{subject} {tokens} tokens; {model_id!r} accepts at most {limit} tokens per {unit}.",
+        param=param,
+    )
+
+
+class CrossEncoderRerank(ModelAdapter):
+    """Sequence-classification cross-encoders with one relevance logit (num_labels=1)."""
+
+    model: CrossEncoder
+
+    def load(self) -> None:
+        path = resolve_source(self.entry)
+        try:
+            self.model = CrossEncoder(
+                path,
+                device=self.context.device,
+                trust_remote_code=self.entry.trust_remote_code,
+                model_kwargs={"dtype": self.context.dtype},
+                local_files_only=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        head = self.model.model
+        if head is None or not type(head).__name__.endswith("ForSequenceClassification"):
+            raise ModelLoadError(
+                f"{self.entry.id!r} is not a sequence-classification cross-encoder "
+                f"({type(head).__name__}); only those are served for rerank"
+            )
+        if self.model.num_labels != 1:
+            raise ModelLoadError(
+                f"{self.entry.id!r} has {self.model.num_labels} output labels; a reranker needs "
+                "one relevance score (num_labels=1)"
+            )
+        self.model.eval()
+        tokenizer = self.model.tokenizer
+        self._inputs = EncoderInputs(tokenizer)
+        self.max_tokens = token_limit(tokenizer, head.config, self.entry.limits.context_length)
+
+    def warmup(self) -> None:
+        self.batch(self.prepare("warm up", ["warm up"]))
+
+    def prepare(self, query: str, documents: list[str]) -> list[Encoded]:
+        alone = self._inputs.encode(query)
+        if len(alone) > self.max_tokens:
+            too_long("query", len(alone), self.max_tokens, self.entry.id)
+        pairs = []
+        for index, document in enumerate(documents):
+            pair = self._inputs.encode(query, document)
+            if len(pair) > self.max_tokens:
+                too_long(f"documents[{index}]", len(pair), self.max_tokens, self.entry.id,
+                         pair=True)
+            pairs.append(pair)
+        return pairs
+
+    @staticmethod
+    def size_of(item: Encoded) -> int:
+        return len(item)
+
+    @torch.inference_mode()
+    def batch(self, pairs: list[Encoded]) -> list[float]:
+        features = self._inputs.collate(pairs, self.model.device)
+        logits = self.model(features)["scores"].float()
+        scores = self.model.activation_fn(logits) if self.model.activation_fn else logits
+        return [float(score) for score in scores.reshape(len(pairs)).cpu()]
+
+    @staticmethod
+    def relevance(outputs: list[float]) -> list[float]:
+        return outputs
+
+
+class BiEncoderRerank(SentenceTransformerEmbeddings):
+    """Reranks with an embedding model: cosine of query and document vectors. Weaker than a
+    cross-encoder (the texts never see each other), but any embedding checkpoint serves."""
+
+    def warmup(self) -> None:
+        self.batch(self.prepare("warm up", ["warm up"]))
+
+    def prepare(self, query: str, documents: list[str]) -> list[list[int]]:
+        items = [self._encoder.encode(text).ids for text in [query, *documents]]
+        for index, ids in enumerate(items):
+            if len(ids) > self.max_tokens:
+                param = "query" if index == 0 else f"documents[{index - 1}]"
+                too_long(param, len(ids), self.max_tokens, self.entry.id)
+        return items
+
+    @staticmethod
+    def relevance(outputs: list[Any]) -> list[float]:
+        query, documents = outputs[0], np.stack(outputs[1:])
+        return [float(score) for score in documents @ query]  # unit vectors: cosine

@@ -1,0 +1,40 @@
+"""Multipart forms (audio uploads, image edits): split into plain fields and uploaded files,
+and validate the fields with a wire schema so bad values are the same 400 as a JSON body's."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+async def read_form(
+    request: Request, file_fields: tuple[str, ...]
+) -> tuple[dict[str, object], dict[str, bytes]]:
+    """Fields (a list for `name[]` keys) and the bytes of each named file field that holds a
+    file (`image` or `image[]`: the first file)."""
+    fields: dict[str, object] = {}
+    files: dict[str, bytes] = {}
+    async with request.form() as form:
+        for key in form:
+            values = form.getlist(key)
+            name = key.removesuffix("[]")
+            if name in file_fields:
+                upload = next((v for v in values if isinstance(v, UploadFile)), None)
+                if upload is not None:
+                    files[name] = await upload.read()
+                continue
+            fields[key] = values if key.endswith("[]") else values[-1]
+    return fields, files
+
+
+def validate_form(schema: type[Schema], fields: dict[str, object]) -> Schema:
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc

@@ -1,0 +1,139 @@
+"""Video and music generation as jobs: submit (202 with the job), poll, list, cancel, and
+download the result. No request is held open while a job runs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import FileResponse
+from pydantic import Field
+
+from engine.errors import ConflictError, ModelNotFoundError
+from engine.jobs import Job
+from engine.registry import Registry, Task
+from server.deps import EngineDep, require_api_key
+from server.openai.schemas import WireModel
+from server.responses import JSON
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+class VideoGenerationIn(WireModel):
+    model: str | None = None
+    prompt: str
+    duration: float | None = None
+    resolution: str | None = None
+    fps: int | None = None
+    seed: int | None = Field(None, ge=0)
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+class MusicGenerationIn(WireModel):
+    model: str | None = None
+    prompt: str
+    duration: float | None = None
+    seed: int | None = Field(None, ge=0)
+    response_format: Literal["wav", "mp3", "flac"] = "wav"
+    guidance_scale: float | None = None
+
+
+def job_json(job: Job, base_url: str) -> dict[str, Any]:
+    result = None
+    if job.result:
+        result = {**job.result, "url": base_url.rstrip("/") + job.result["url"]}
+    return {
+        "object": "generation.job", "job_id": job.id, "id": job.id, "kind": job.kind,
+        "model": job.model, "provider": "ember", "status": job.status,
+        "progress": int(job.progress), "created_at": int(job.created_at),
+        "created": int(job.created_at),
+        "started_at": int(job.started_at) if job.started_at else None,
+        "finished_at": int(job.finished_at) if job.finished_at else None,
+        "expires_at": int(job.expires_at) if job.expires_at else None,
+        "attempts": job.attempts, "params": job.params, "result": result,
+        "error": {"message": job.error} if job.error else None,
+    }
+
+
+def _model(registry: Registry, name: str | None, task: Task) -> str:
+    if name:
+        return name
+    default = registry.default_for(task)
+    if default is None:
+        raise ModelNotFoundError(f"No default {task} model is configured; name one in `model`.",
+                                 param="model")
+    return default.id
+
+
+def _params(body: WireModel) -> dict[str, Any]:
+    """The declared fields that were set (unknown fields are ignored, not passed on)."""
+    declared = type(body).model_fields
+    return {name: getattr(body, name) for name in declared
+            if name != "model" and getattr(body, name) is not None}
+
+
+def _base_url(request: Request, engine: Any) -> str:
+    return engine.settings.public_url or str(request.base_url)
+
+
+async def _submit(task: Task, body: VideoGenerationIn | MusicGenerationIn, request: Request,
+                  engine: Any, idempotency_key: str | None) -> Any:
+    model = _model(engine.registry, body.model, task)
+    job, created = await engine.jobs.submit(task, model, _params(body), idempotency_key)
+    return JSON(job_json(job, _base_url(request, engine)), status_code=202 if created else 200)
+
+
+@router.post("/video/generations")
+async def video_generations(
+    body: VideoGenerationIn, request: Request, engine: EngineDep,
+    idempotency_key: str | None = Header(None),
+) -> Any:
+    return await _submit("video", body, request, engine, idempotency_key)
+
+
+@router.post("/music/generations")
+async def music_generations(
+    body: MusicGenerationIn, request: Request, engine: EngineDep,
+    idempotency_key: str | None = Header(None),
+) -> Any:
+    return await _submit("music", body, request, engine, idempotency_key)
+
+
+@router.get("/generations")
+async def list_generations(
+    request: Request, engine: EngineDep, status: str | None = None,
+    limit: int = Query(20), after: str | None = None,
+) -> Any:
+    jobs, has_more = await engine.jobs.page(status, limit, after)
+    base = _base_url(request, engine)
+    data = [job_json(job, base) for job in jobs]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/generations/{job_id}")
+async def get_generation(job_id: str, request: Request, engine: EngineDep) -> Any:
+    return job_json(await engine.jobs.get(job_id), _base_url(request, engine))
+
+
+@router.post("/generations/{job_id}/cancel")
+async def cancel_generation(job_id: str, request: Request, engine: EngineDep) -> Any:
+    return job_json(await engine.jobs.cancel(job_id), _base_url(request, engine))
+
+
+@router.delete("/generations/{job_id}")
+async def delete_generation(job_id: str, request: Request, engine: EngineDep) -> Any:
+    return job_json(await engine.jobs.cancel(job_id), _base_url(request, engine))
+
+
+@router.get("/generations/{job_id}/content")
+async def generation_content(job_id: str, engine: EngineDep) -> Any:
+    job = await engine.jobs.get(job_id)
+    if job.status != "completed" or not job.result:
+        raise ConflictError(f"Job {job_id!r} is {job.status}; it has no file yet",
+                            param="job_id")
+    artifact = engine.artifacts.get(job.result["file_id"])
+    return FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.filename)

@@ -1,0 +1,122 @@
+"""OpenAI's images API on the wire: generations (JSON), edits and variations (multipart), and
+the response with `url` (a file in the artifact store) or `b64_json` items."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import Field
+
+from engine.artifacts import ArtifactStore
+from engine.errors import InvalidRequestError, ModelNotFoundError
+from engine.registry import Registry
+from engine.types import ImageMode, ImageRequest, ImageResult
+from server.forms import read_form, validate_form
+from server.openai.schemas import WireModel
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class ImageFields(WireModel):
+    """Fields generations, edits and variations share. ember extensions: seed,
+    negative_prompt, num_inference_steps, guidance_scale, strength (edits, variations)."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] = "auto"
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    seed: int | None = Field(None, ge=0)
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    strength: float | None = Field(None, gt=0, le=1)
+
+
+class ImageGenerationIn(ImageFields):
+    prompt: str
+    style: Literal["vivid", "natural"] | None = None
+
+
+class ImageEditForm(ImageFields):
+    prompt: str
+
+
+class ImageVariationForm(ImageFields):
+    pass
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size in (None, "", "auto"):
+        return None, None
+    match = _SIZE.match(size)
+    if not match:
+        raise InvalidRequestError(
+            f"size must look like 1024x1024 (width x height) or be 'auto'; got {size!r}",
+            param="size",
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def _model(registry: Registry, name: str | None) -> str:
+    """OpenAI makes `model` optional for images: the default image model serves it."""
+    if name:
+        return name
+    default = registry.default_for("image")
+    if default is None:
+        raise ModelNotFoundError("No default image model is configured; name one in `model`.",
+                                 param="model")
+    return default.id
+
+
+def image_request(
+    body: ImageFields, registry: Registry, mode: ImageMode, prompt: str = "",
+    image: bytes | None = None, mask: bytes | None = None,
+) -> ImageRequest:
+    width, height = parse_size(body.size)
+    return ImageRequest(
+        model=_model(registry, body.model), prompt=prompt, mode=mode, n=body.n, width=width,
+        height=height, steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+        negative_prompt=body.negative_prompt, seed=body.seed, quality=body.quality,
+        strength=body.strength, image=image, mask=mask, output_format=body.output_format,
+    )
+
+
+async def read_edit_form(
+    request: Request, registry: Registry, mode: Literal["edit", "variation"]
+) -> tuple[ImageFields, ImageRequest]:
+    fields, files = await read_form(request, ("image", "mask"))
+    if "image" not in files:
+        raise InvalidRequestError(
+            "Missing required parameter: 'image' (a png, jpeg or webp file, sent as multipart "
+            "form data).", param="image", code="missing_required_parameter",
+        )
+    if mode == "edit":
+        edit = validate_form(ImageEditForm, fields)
+        return edit, image_request(edit, registry, "edit", edit.prompt, files["image"],
+                                   files.get("mask"))
+    variation = validate_form(ImageVariationForm, fields)
+    return variation, image_request(variation, registry, "variation", "", files["image"])
+
+
+async def images_response(
+    result: ImageResult, body: ImageFields, store: ArtifactStore, base_url: str
+) -> dict[str, Any]:
+    data = []
+    for image in result.images:
+        item: dict[str, Any] = {"revised_prompt": result.prompt, "seed": image.seed}
+        if body.response_format == "b64_json":
+            item["b64_json"] = base64.b64encode(image.data).decode()
+        else:
+            artifact = await asyncio.to_thread(
+                store.put, image.data, image.media_type, image.suffix
+            )
+            item["url"] = f"{base_url.rstrip('/')}/v1/files/{artifact.id}/content"
+        data.append(item)
+    return {"created": int(time.time()), "data": data, "output_format": body.output_format}

@@ -1,0 +1,130 @@
+"""Rerank (`/v1/rerank`, Cohere/Jina-style as vLLM and Infinity serve it) and moderation
+(`/v1/moderations`, OpenAI's): wire schemas, translation to engine types, thin routes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import Field
+
+from engine.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.types import (
+    MODERATION_CATEGORIES,
+    ModerationRequest,
+    ModerationResult,
+    RerankRequest,
+    RerankResult,
+)
+from server.deps import EngineDep, require_api_key
+from server.openai.schemas import WireModel
+from server.openai.translate import new_id
+from server.responses import JSON
+
+log = logging.getLogger("ember.http")
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+class RerankRequestIn(WireModel):
+    model: str | None = Field(None, min_length=1)
+    query: str
+    documents: list[str | dict[str, Any]]
+    top_n: int | None = None  # checked by the engine (at least 1), for every dialect
+    return_documents: bool = False
+
+
+class ModerationRequestIn(WireModel):
+    model: str | None = Field(None, min_length=1)
+    input: str | list[str] | list[dict[str, Any]]
+
+
+def _note_unknown(body: WireModel, request: Request) -> None:
+    if unknown := body.unknown_fields():
+        log.debug("%s: ignoring unknown fields %s", request.url.path, unknown)
+
+
+# -- translation ---------------------------------------------------------------------------------
+
+
+def document_texts(documents: list[str | dict[str, Any]]) -> list[str]:
+    """Documents as strings or `{"text": ...}` objects (other keys are ignored)."""
+    texts = []
+    for index, document in enumerate(documents):
+        text = document.get("text") if isinstance(document, dict) else document
+        if not isinstance(text, str):
+            raise InvalidRequestError(
+                f"documents[{index}] must be a string or an object with a string `text`",
+                param=f"documents[{index}].text",
+            )
+        texts.append(text)
+    return texts
+
+
+def rerank_json(
+    result: RerankResult, documents: list[str], return_documents: bool
+) -> dict[str, Any]:
+    results = []
+    for ranked in result.results:
+        item: dict[str, Any] = {"index": ranked.index, "relevance_score": ranked.relevance_score}
+        if return_documents:
+            item["document"] = {"text": documents[ranked.index]}
+        results.append(item)
+    return {"id": new_id("rerank"), "model": result.model, "results": results,
+            "usage": {"total_tokens": result.total_tokens}}
+
+
+def moderation_texts(value: str | list[str] | list[dict[str, Any]]) -> list[str]:
+    """A string or a list of strings: one result each. A list of content parts (OpenAI's
+    multimodal form) is one input: its text parts joined; image parts are refused."""
+    if isinstance(value, str):
+        return [value]
+    strings = [item for item in value if isinstance(item, str)]
+    if len(strings) == len(value):
+        return strings
+    texts = []
+    for index, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part, dict) and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            raise UnsupportedFeatureError(
+                "image inputs cannot be moderated by the text classifiers served here; send "
+                "text parts", param=f"input[{index}]",
+            )
+        else:
+            raise InvalidRequestError(
+                f"Unsupported content part {kind!r}; expected 'text' with a string `text`",
+                param=f"input[{index}]",
+            )
+    return ["\n".join(texts)]
+
+
+def moderation_json(result: ModerationResult) -> dict[str, Any]:
+    results = [{
+        "flagged": verdict.flagged,
+        "categories": verdict.categories,
+        "category_scores": verdict.category_scores,
+        "category_applied_input_types": {c: ["text"] for c in MODERATION_CATEGORIES},
+    } for verdict in result.results]
+    return {"id": new_id("modr"), "model": result.model, "results": results}
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+@router.post("/rerank")
+async def rerank(body: RerankRequestIn, request: Request, engine: EngineDep) -> Any:
+    _note_unknown(body, request)
+    documents = document_texts(body.documents)
+    result = await engine.rerank(RerankRequest(
+        model=body.model, query=body.query, documents=documents, top_n=body.top_n))
+    return JSON(rerank_json(result, documents, body.return_documents))
+
+
+@router.post("/moderations")
+async def moderations(body: ModerationRequestIn, request: Request, engine: EngineDep) -> Any:
+    _note_unknown(body, request)
+    result = await engine.moderate(
+        ModerationRequest(model=body.model, texts=moderation_texts(body.input)))
+    return JSON(moderation_json(result))
