@@ -143,6 +143,9 @@ class MusicGen(ModelAdapter):
         except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
         self.model = model.to(self.context.device).eval()
+        for module in self.model.modules():  # Encodec's LSTM: cuDNN wants one weight block
+            if isinstance(module, torch.nn.RNNBase):
+                module.flatten_parameters()
         codec = model.config.audio_encoder
         self.sample_rate = int(codec.sampling_rate)
         self.frame_rate = float(codec.frame_rate)  # codec frames per second of audio
