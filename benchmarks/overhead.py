@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,13 +133,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(port: int, threads: int, log_file: Any) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, threads: int, log_file: Any,
+    preload: Sequence[str] = (CHAT_MODEL, EMBEDDING_MODEL), env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """`ember serve` in a subprocess loading `preload` at start; `env` is added to this
+    process's environment (e.g. EMBER_REGISTRY_FILE, EMBER_DATA_DIR)."""
     command = [
         sys.executable, "-m", "ember.cli", "serve", "--port", str(port),
-        "--preload", f"{CHAT_MODEL},{EMBEDDING_MODEL}",
+        "--preload", ",".join(preload),
     ]
-    env = {**os.environ, "EMBER_TORCH_THREADS": str(threads)}
-    return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    environment = {**os.environ, "EMBER_TORCH_THREADS": str(threads), **(env or {})}
+    return subprocess.Popen(command, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def wait_until_ready(client: httpx.Client, server: subprocess.Popen[bytes], log: Path) -> float:

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from benchmarks.overhead import (
     describe_machine,
     free_port,
     interleave,
+    start_server,
     stop_server,
     wait_until_ready,
 )
@@ -135,19 +135,6 @@ class SpeechReport:
     stt: dict[str, list[SttPass]] = field(default_factory=dict)
     # whole_mp3 (baseline), stream_mp3, stream_pcm
     tts: dict[str, list[TtsRun]] = field(default_factory=dict)
-
-
-# -- the server ----------------------------------------------------------------------------
-
-
-def start_speech_server(port: int, threads: int, log_file: Any) -> subprocess.Popen[bytes]:
-    # overhead.start_server preloads the chat and embedding models; this run needs speech ones.
-    command = [
-        sys.executable, "-m", "ember.cli", "serve", "--port", str(port),
-        "--preload", f"{STT_MODEL},{TTS_MODEL}",
-    ]
-    env = {**os.environ, "EMBER_TORCH_THREADS": str(threads)}
-    return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 # -- audio ---------------------------------------------------------------------------------
@@ -390,7 +377,7 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
     torch.set_num_threads(args.threads)  # the Piper adapter gives onnxruntime torch's count
     port = free_port()
     progress.step(f"starting the server on port {port} (log: {log})")
-    server = start_speech_server(port, args.threads, log_file)
+    server = start_server(port, args.threads, log_file, preload=[STT_MODEL, TTS_MODEL])
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client, \
                 ThreadPoolExecutor(CONCURRENCY) as pool:

@@ -89,7 +89,7 @@ def pull(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("overhead", "sweep", "speech")
+BENCHMARKS = ("overhead", "sweep", "speech", "images", "jobs")
 
 
 def bench(args: argparse.Namespace) -> int:

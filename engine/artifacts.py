@@ -56,7 +56,8 @@ class ArtifactStore:
         return artifact
 
     def _meta_path(self, artifact_id: str) -> Path:
-        return self.root / f"{artifact_id}.json"
+        # Not `{id}.json`: that is where a JSON artifact's own content goes.
+        return self.root / f"{artifact_id}.meta.json"
 
     def get(self, artifact_id: str) -> Artifact:
         """The file's record; unknown, malformed and expired ids are all a 404."""
@@ -82,13 +83,14 @@ class ArtifactStore:
         if not self.root.is_dir():
             return 0
         now, removed = time.time(), 0
-        for meta_path in self.root.glob("file-*.json"):
+        for meta_path in self.root.glob("file-*.meta.json"):
             try:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError):
                 continue
             if meta.get("expires_at", 0) <= now:
-                (self.root / f"{meta_path.stem}.{meta.get('suffix', '')}").unlink(missing_ok=True)
+                artifact_id = meta_path.name.removesuffix(".meta.json")
+                (self.root / f"{artifact_id}.{meta.get('suffix', '')}").unlink(missing_ok=True)
                 meta_path.unlink(missing_ok=True)
                 removed += 1
         if removed:

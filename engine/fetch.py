@@ -1,7 +1,8 @@
-"""The one guarded fetcher for images a caller names by URL (vision chat).
+"""The one guarded fetcher for media a caller names by URL (images of vision chat, audio of the
+gateway dialects' speech to text).
 
 A URL in a request makes the server open a connection on the caller's behalf, so every fetch
-is vetted: `data:` URIs are decoded locally (image media types only, size-capped); otherwise
+is vetted: `data:` URIs are decoded locally (the expected media types only, size-capped); otherwise
 only http(s) is fetched, and only from public addresses unless `fetch_allow_private` is set.
 
 DNS rebinding: the host is resolved once here, every address it resolves to is vetted, and
@@ -21,6 +22,7 @@ import base64
 import binascii
 import ipaddress
 import socket
+from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 import httpx
@@ -33,6 +35,22 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Well-known NAT64 prefixes (RFC 6052, RFC 8215): they embed an IPv4 address in the low bits.
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """What a fetch accepts: media-type prefixes (of the data: URI or the Content-Type)."""
+
+    name: str  # "image", "audio": for messages
+    noun: str  # "an image", "audio"
+    prefixes: tuple[str, ...]
+    examples: str  # shown in refusals
+
+
+IMAGE = MediaKind("image", "an image", ("image/",), "an image/* type (image/png, image/jpeg, ...)")
+# Audio often comes as a video container (webm, mp4) or application/ogg; PyAV decodes them all.
+AUDIO = MediaKind("audio", "audio", ("audio/", "video/", "application/ogg"),
+                  "an audio/* type (audio/mpeg, audio/wav, ...)")
 
 
 def _translated_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -75,16 +93,16 @@ def address_refusal(ip: IPAddress) -> str | None:
     return next((reason for failed, reason in checks if failed), None)
 
 
-def decode_data_uri(url: str, param: str, max_bytes: int) -> bytes:
+def decode_data_uri(url: str, param: str, max_bytes: int, kind: MediaKind = IMAGE) -> bytes:
     """The bytes of a `data:image/...;base64,...` URI (percent-encoded data also accepted)."""
     header, comma, payload = url[len("data:"):].partition(",")
     if not comma:
         raise InvalidRequestError("the data URI has no ',' before its data", param=param)
     media_type, *attributes = header.split(";")
-    if not media_type.strip().lower().startswith("image/"):
+    if not media_type.strip().lower().startswith(kind.prefixes):
         raise InvalidRequestError(
-            f"the data URI's media type is {media_type or 'missing'!r}; an image/* type "
-            "(image/png, image/jpeg, ...) is required",
+            f"the data URI's media type is {media_type or 'missing'!r}; {kind.examples} "
+            "is required",
             param=param,
         )
     is_base64 = "base64" in (a.strip().lower() for a in attributes)
@@ -107,7 +125,7 @@ def decode_data_uri(url: str, param: str, max_bytes: int) -> bytes:
         raise InvalidRequestError("the data URI holds no data", param=param)
     if len(data) > max_bytes:
         raise InvalidRequestError(
-            f"the image is {len(data)} bytes; the limit is {max_bytes} bytes", param=param
+            f"the {kind.name} is {len(data)} bytes; the limit is {max_bytes} bytes", param=param
         )
     return data
 
@@ -128,7 +146,8 @@ async def _resolve(host: str, port: int | None, param: str) -> list[IPAddress]:
     return addresses
 
 
-async def vetted_address(url: httpx.URL, param: str, allow_private: bool) -> str:
+async def vetted_address(url: httpx.URL, param: str, allow_private: bool,
+                         kind: MediaKind = IMAGE) -> str:
     """Resolve the URL's host (without blocking the loop) and return an address to connect
     to; refuse if any address it resolves to is not public (unless private ones are allowed)."""
     host = url.host
@@ -141,41 +160,42 @@ async def vetted_address(url: httpx.URL, param: str, allow_private: bool) -> str
             if (reason := address_refusal(address)) is not None:
                 shown = host if str(address) == host else f"{host!r} resolves to {address}, which"
                 raise InvalidRequestError(
-                    f"refusing to fetch {url}: {shown} is {reason}. Image URLs must point at "
-                    "public addresses (a server operator can allow private ones with the "
-                    "fetch_allow_private setting).",
+                    f"refusing to fetch {url}: {shown} is {reason}. {kind.name.capitalize()} "
+                    "URLs must point at public addresses (a server operator can allow private "
+                    "ones with the fetch_allow_private setting).",
                     param=param,
                 )
     return str(addresses[0])
 
 
-def _checked_url(raw: str | httpx.URL, param: str) -> httpx.URL:
+def _checked_url(raw: str | httpx.URL, param: str, kind: MediaKind = IMAGE) -> httpx.URL:
     try:
         url = httpx.URL(raw)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise InvalidRequestError(f"not a valid URL: {exc}", param=param) from exc
     if url.scheme not in ("http", "https"):
         raise InvalidRequestError(
-            f"the {url.scheme!r} scheme is not fetched; an image URL must be an http(s) URL or "
-            "a data: URI",
+            f"the {url.scheme!r} scheme is not fetched; an {kind.name} URL must be an http(s) URL "
+            "or a data: URI",
             param=param,
         )
     if not url.host:
-        raise InvalidRequestError("the image URL has no host", param=param)
+        raise InvalidRequestError(f"the {kind.name} URL has no host", param=param)
     if url.userinfo:
-        raise InvalidRequestError("image URLs with credentials are not fetched", param=param)
+        raise InvalidRequestError(f"{kind.name} URLs with credentials are not fetched",
+                                  param=param)
     return url
 
 
 async def _get(
-    client: httpx.AsyncClient, url: httpx.URL, param: str, settings: Settings
+    client: httpx.AsyncClient, url: httpx.URL, param: str, settings: Settings, kind: MediaKind
 ) -> tuple[httpx.URL | None, bytes]:
     """One request to the vetted address: (redirect target, b"") or (None, body)."""
-    address = await vetted_address(url, param, settings.fetch_allow_private)
+    address = await vetted_address(url, param, settings.fetch_allow_private, kind)
     extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
     request = client.build_request(
         "GET", url.copy_with(host=address),
-        headers={"Host": url.netloc.decode("ascii"), "Accept": "image/*",
+        headers={"Host": url.netloc.decode("ascii"), "Accept": f"{kind.name}/*",
                  "Accept-Encoding": "identity"},
         extensions=extensions,
     )
@@ -188,10 +208,10 @@ async def _get(
                 f"fetching {url} answered HTTP {response.status_code}", param=param
             )
         media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not media_type.startswith("image/"):
+        if not media_type.startswith(kind.prefixes):
             raise InvalidRequestError(
-                f"{url} is {media_type or 'of no stated type'}, not an image "
-                "(its Content-Type must be image/*)",
+                f"{url} is {media_type or 'of no stated type'}, not {kind.noun} "
+                f"(its Content-Type must be {kind.examples})",
                 param=param,
             )
         max_bytes = settings.fetch_max_bytes
@@ -217,19 +237,24 @@ async def _get(
 async def fetch_image(url: str, settings: Settings, param: str = "url") -> bytes:
     """The bytes of the image at `url` (a data: URI or an http(s) URL), fetched under the
     rules in the module docstring. Raises InvalidRequestError (400) naming `param`."""
+    return await fetch_media(url, settings, param, IMAGE)
+
+
+async def fetch_media(url: str, settings: Settings, param: str, kind: MediaKind) -> bytes:
+    """`fetch_image` for any media kind."""
     if url[:5].lower() == "data:":
-        return decode_data_uri(url, param, settings.fetch_max_bytes)
-    current = _checked_url(url, param)
+        return decode_data_uri(url, param, settings.fetch_max_bytes, kind)
+    current = _checked_url(url, param, kind)
     timeout_s = settings.fetch_timeout_s
     try:
         async with asyncio.timeout(timeout_s), httpx.AsyncClient(
             follow_redirects=False, trust_env=False, timeout=timeout_s
         ) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                target, body = await _get(client, current, param, settings)
+                target, body = await _get(client, current, param, settings, kind)
                 if target is None:
                     return body
-                current = _checked_url(target, param)
+                current = _checked_url(target, param, kind)
     except (TimeoutError, httpx.TimeoutException) as exc:
         raise InvalidRequestError(
             f"fetching {url} took longer than {timeout_s:g}s", param=param

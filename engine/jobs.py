@@ -20,9 +20,10 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from engine.artifacts import ArtifactStore
 from engine.errors import (
@@ -33,7 +34,7 @@ from engine.errors import (
     RequestCancelledError,
 )
 from engine.manager import ModelManager, run_in_fresh_thread
-from engine.registry import Task
+from engine.registry import ModelEntry, Task
 from engine.settings import Settings
 from engine.sources import resolve_source
 
@@ -44,6 +45,8 @@ JOB_STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed", "ca
 FINISHED = ("completed", "failed", "cancelled")
 JOB_TASKS: tuple[Task, ...] = ("video", "music")
 PROGRESS_WRITE_S = 0.5  # progress reaches the database at most this often (and at 100%)
+CANCEL_POLL_S = 0.2  # an inline job notices a cancel within this long
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -262,6 +265,16 @@ class JobStore:
         return [self._job(r) for r in rows]
 
 
+@dataclass(frozen=True)
+class InlineKind:
+    """A job kind the engine runs itself, as a coroutine on the event loop (chat: its scheduler
+    already batches and paces it), instead of an adapter's `run` on a thread of its own.
+    `run` returns what an adapter's `run` does (data, media_type, suffix, metadata)."""
+
+    validate: Callable[[ModelEntry, dict[str, Any]], dict[str, Any]]
+    run: Callable[[Job], Awaitable[Any]]
+
+
 class JobRunner:
     """Admission (validate before accepting), the dispatcher and the workers."""
 
@@ -275,6 +288,7 @@ class JobRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
+        self.inline: dict[str, InlineKind] = {}
 
     async def start(self) -> None:
         requeued, failed = await asyncio.to_thread(
@@ -301,8 +315,9 @@ class JobRunner:
     async def submit(self, task: Task, model: str, params: dict[str, Any],
                      idempotency_key: str | None = None) -> tuple[Job, bool]:
         entry = self.manager.registry.resolve(model, task)
-        adapter_class = _adapter_class(entry.adapter)
-        normalized = adapter_class.validate(entry, params)
+        inline = self.inline.get(task)
+        validate = inline.validate if inline else _adapter_class(entry.adapter).validate
+        normalized = validate(entry, params)
         resolve_source(entry)  # not installed: fail now with how to get it, not in the queue
         job, created = await asyncio.to_thread(
             self.store.insert, task, entry.id, normalized, idempotency_key, params
@@ -345,6 +360,8 @@ class JobRunner:
 
     async def _dispatch_forever(self) -> None:
         while not self._stopping:
+            # Cleared before claiming: a submit that lands while we claim sets it again.
+            self._wake.clear()
             while len(self._running) < self.settings.job_workers:
                 job = await asyncio.to_thread(self.store.claim_next, self._busy_models())
                 if job is None:
@@ -353,20 +370,22 @@ class JobRunner:
                 task = asyncio.create_task(self._run(job))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=5)
 
     async def _run(self, job: Job) -> None:
         cancel = self._running[job.id][1]
         ttl = self.settings.job_ttl_s
-        last_write = 0.0
+        last_write, last_fraction = 0.0, 0.0
 
         def progress(fraction: float) -> None:  # called on the job's thread
-            nonlocal last_write
+            nonlocal last_write, last_fraction
             now = time.monotonic()
-            if now - last_write >= PROGRESS_WRITE_S or fraction >= 1:
-                last_write = now
+            # Throttled, but a big step (5 points or more, e.g. the last step of a short run)
+            # always lands, so progress never sits stale through a long decode.
+            if (now - last_write >= PROGRESS_WRITE_S or fraction - last_fraction >= 0.05
+                    or fraction >= 1):
+                last_write, last_fraction = now, fraction
                 self.store.set_progress(job.id, 100 * min(max(fraction, 0.0), 1.0))
                 if self.store.cancel_requested(job.id):
                     cancel.set()
@@ -375,8 +394,13 @@ class JobRunner:
                  job.model)
         started = time.monotonic()
         try:
-            async with self.manager.lease(job.model, job.kind) as slot:  # type: ignore[arg-type]
-                media = await run_in_fresh_thread(slot.adapter.run, job.params, progress, cancel)
+            if (inline := self.inline.get(job.kind)) is not None:
+                media = await _until_cancelled(inline.run(job), cancel)
+            else:
+                kind: Task = job.kind  # type: ignore[assignment]
+                async with self.manager.lease(job.model, kind) as slot:
+                    media = await run_in_fresh_thread(slot.adapter.run, job.params, progress,
+                                                      cancel)
             artifact = await asyncio.to_thread(
                 self.artifacts.put, media.data, media.media_type, media.suffix.lstrip("."), ttl
             )
@@ -410,6 +434,22 @@ class JobRunner:
                 with contextlib.suppress(EmberError):
                     artifact = self.artifacts.get(file_id)
                     artifact.path.unlink(missing_ok=True)
+
+
+async def _until_cancelled(work: Awaitable[T], cancel: threading.Event) -> T:
+    """Await `work`, cancelling it once `cancel` is set (a job cancel, or shutdown)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+            if cancel.is_set() and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise RequestCancelledError("the job was cancelled")
+        return task.result()
+    finally:
+        task.cancel()
 
 
 def _adapter_class(path: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -15,12 +16,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from engine import images, metrics, ranking, speech, vision
+from engine import chat_jobs, images, metrics, ranking, speech, vision
 from engine.artifacts import ArtifactStore
+from engine.cache import IdempotencyStore, ResponseCache
 from engine.errors import InvalidRequestError
-from engine.jobs import JobRunner
+from engine.jobs import InlineKind, JobRunner
 from engine.manager import ModelManager
 from engine.registry import Registry
+from engine.routing import Router
 from engine.settings import Settings
 from engine.sources import is_installed
 from engine.types import (
@@ -81,6 +84,18 @@ class Engine:
         self.artifacts = ArtifactStore(settings.data_dir / "files", settings.artifact_ttl_s)
         self.jobs = JobRunner(settings, self.manager, self.artifacts)
         self._purging: asyncio.Task[None] | None = None
+        # What the gateway dialects add on top: routing by task/prefer, the response cache,
+        # idempotency keys, and chat as a job kind (batch mode).
+        self.router = Router.from_settings(settings, self.registry, self.manager)
+        self.response_cache = ResponseCache(
+            self.registry, settings.response_cache_ttl_s, settings.response_cache_entries
+        )
+        self.idempotency = IdempotencyStore(settings.idempotency_ttl_s,
+                                            settings.idempotency_entries)
+        self.jobs.inline["chat"] = InlineKind(
+            validate=chat_jobs.validate,
+            run=functools.partial(chat_jobs.run, self.response_cache, self.generate),
+        )
 
     async def start(self) -> None:
         """Start background work; preloading runs in the background so /health answers

@@ -102,6 +102,25 @@ class Settings(BaseSettings):
         1000, gt=0, description="most documents one rerank request may carry"
     )
 
+    # Gateway dialects (/v1/ai/*, /api/v3/organizations/{organisation}/ai/*).
+    routing_file: Path | None = Field(
+        None, description="task/prefer routing table; the packaged configs/routing.yaml by default"
+    )
+    response_cache_ttl_s: float = Field(
+        300, ge=0, description="how long a cached chat response is served; 0 = no cache"
+    )
+    response_cache_entries: int = Field(1024, gt=0, description="most cached chat responses")
+    idempotency_ttl_s: float = Field(
+        86400, gt=0, description="how long an idempotency key returns its first result"
+    )
+    idempotency_entries: int = Field(
+        4096, gt=0, description="most idempotency keys remembered (oldest dropped first)"
+    )
+    organization_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="organisation -> API keys valid for /api/v3/organizations/{organisation}/ai",
+    )
+
     @field_validator("preload", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:

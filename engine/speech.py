@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from engine import metrics
 from engine.errors import InvalidRequestError
@@ -44,6 +45,23 @@ def _segments(result: object, first_id: int) -> list[TranscriptSegment]:
     return segments
 
 
+async def _decoded(
+    runner: Any, adapter: Any, prepared: Any, window: Any, result: Any
+) -> AsyncIterator[Any]:
+    """A window's result, then what Whisper left undecoded in it: when the model stops before
+    the window's end, the rest is decoded again from its last timestamp, as sequential
+    Whisper does, until the window is covered (each pass must move on by a second)."""
+    yield result
+    window_end = window.offset + window.duration
+    resume_at = result.resume_at
+    while resume_at is not None:
+        rest = adapter.window_between(prepared, resume_at, window_end, result.language)
+        result = (await runner.submit_many([rest]))[0]
+        yield result
+        moved_on = result.resume_at is not None and result.resume_at >= resume_at + 1.0
+        resume_at = result.resume_at if moved_on else None
+
+
 async def transcribe_stream(
     manager: ModelManager, settings: Settings, request: TranscriptionRequest
 ) -> AsyncIterator[TranscriptSegment | TranscriptionInfo]:
@@ -60,16 +78,20 @@ async def transcribe_stream(
         next_id = 0
         if windows and language is None:
             first = (await runner.submit_many(windows[:1]))[0]
-            language, windows = first.language, windows[1:]
-            for segment in _segments(first, next_id):
-                next_id += 1
-                yield segment
-            windows = [replace(window, language=language) for window in windows]
-        async for result in runner.stream(windows):
-            language = language or result.language
-            for segment in _segments(result, next_id):
-                next_id += 1
-                yield segment
+            language = first.language
+            async for result in _decoded(runner, adapter, prepared, windows[0], first):
+                for segment in _segments(result, next_id):
+                    next_id += 1
+                    yield segment
+            windows = [replace(window, language=language) for window in windows[1:]]
+        index = 0
+        async for decoded in runner.stream(windows):
+            language = language or decoded.language
+            async for result in _decoded(runner, adapter, prepared, windows[index], decoded):
+                for segment in _segments(result, next_id):
+                    next_id += 1
+                    yield segment
+            index += 1
         metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(prepared.duration)
         yield TranscriptionInfo(language=language or "en", duration=prepared.duration)
 

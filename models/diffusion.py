@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import secrets
 import threading
 import time
@@ -193,6 +194,10 @@ class DiffusionImages(ModelAdapter):
                 strength = 0.6 if request.mode == "variation" else 0.8
         width, height = width or self.default_size[0], height or self.default_size[1]
         self._check_side(width, height)
+        if mode != "text" and steps * strength < 1:
+            # Image to image runs steps x strength steps; fewer than one would denoise
+            # nothing (1-step turbo models at strength 0.6), so take enough steps for one.
+            steps = min(self.max_steps, math.ceil(1 / strength))
         if init_image is not None:
             init_image = init_image.resize((width, height))
             mask = mask.resize((width, height)) if mask is not None else None

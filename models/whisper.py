@@ -58,12 +58,17 @@ class AudioWindow:
 class PreparedAudio:
     windows: list[AudioWindow]
     duration: float
+    audio: np.ndarray
+    request: TranscriptionRequest
 
 
 @dataclass
 class WindowResult:
     language: str
     segments: list[dict[str, Any]] = field(default_factory=list)
+    # Where undecoded speech starts when the model stopped before the window's end (Whisper
+    # resumes from its last timestamp, as its sequential decoding does); None when done.
+    resume_at: float | None = None
 
 
 def split_windows(audio: np.ndarray, sample_rate: int, window_s: float = WINDOW_S) -> list[
@@ -175,7 +180,14 @@ class WhisperSpeechToText(ModelAdapter):
             self._window(audio, start, end, request, language)
             for start, end in find(audio, SAMPLE_RATE)
         ]
-        return PreparedAudio(windows, duration=len(audio) / SAMPLE_RATE)
+        return PreparedAudio(windows, len(audio) / SAMPLE_RATE, audio, request)
+
+    def window_between(
+        self, prepared: PreparedAudio, start_s: float, end_s: float, language: str
+    ) -> AudioWindow:
+        """The audio from `start_s` to `end_s` as a window (to resume a window's decoding)."""
+        start, end = int(start_s * SAMPLE_RATE), int(end_s * SAMPLE_RATE)
+        return self._window(prepared.audio, start, end, prepared.request, language)
 
     def _window(
         self, audio: np.ndarray, start: int, end: int, request: TranscriptionRequest,
@@ -248,12 +260,13 @@ class WhisperSpeechToText(ModelAdapter):
         )
         frames_per_second = self.model.frames_per_second
         per_window, sizes, silent = [], [], []
+        resumes: list[float | None] = []
         for window, output in zip(windows, outputs, strict=True):
             tokens = output.sequences_ids[0]
             avg_logprob = output.scores[0] * len(tokens) / (len(tokens) + 1)
             size = int(math.ceil(window.duration) * frames_per_second)
             seek = int(window.offset * frames_per_second)
-            pieces, _, _ = self.model._split_segments_by_timestamps(
+            pieces, seek_frames, single_ending = self.model._split_segments_by_timestamps(
                 tokenizer=tokenizer, tokens=tokens, time_offset=window.offset,
                 segment_size=size, segment_duration=window.duration, seek=0,
             )
@@ -270,8 +283,15 @@ class WhisperSpeechToText(ModelAdapter):
                 })
             per_window.append(segments)
             sizes.append(size)
-            silent.append(output.no_speech_prob > NO_SPEECH_THRESHOLD
-                          and avg_logprob < LOG_PROB_THRESHOLD)
+            is_silent = (output.no_speech_prob > NO_SPEECH_THRESHOLD
+                         and avg_logprob < LOG_PROB_THRESHOLD)
+            silent.append(is_silent)
+            decoded_s = seek_frames / frames_per_second
+            resumes.append(
+                window.offset + decoded_s
+                if not (is_silent or single_ending) and window.duration - decoded_s > 1.0
+                else None
+            )
         if first.word_timestamps:
             self.model.add_word_timestamps(
                 per_window, tokenizer, encoder_output, sizes, PREPEND_PUNCTUATIONS,
@@ -279,6 +299,6 @@ class WhisperSpeechToText(ModelAdapter):
             )
         return [
             WindowResult(first.language, [] if is_silent else
-                         [s for s in segments if s["tokens"]])
-            for segments, is_silent in zip(per_window, silent, strict=True)
+                         [s for s in segments if s["tokens"]], resume_at)
+            for segments, is_silent, resume_at in zip(per_window, silent, resumes, strict=True)
         ]

@@ -19,9 +19,11 @@ from engine.errors import PayloadTooLargeError
 from engine.service import Engine
 from engine.settings import Settings, load_settings
 from server.errors import envelope_for, install_error_handlers, log
+from server.infrai.routes import router as infrai_router
 from server.openai.generations import router as generations_router
 from server.openai.retrieval import router as retrieval_router
 from server.openai.routes import router as openai_router
+from server.quantcdn.routes import router as quantcdn_router
 
 
 class BodyLimitMiddleware:
@@ -105,6 +107,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(openai_router)
     app.include_router(generations_router)
     app.include_router(retrieval_router)
+    app.include_router(infrai_router)
+    app.include_router(quantcdn_router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -20,6 +20,8 @@ from engine.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from server.infrai.errors import infrai_envelope
+from server.quantcdn.errors import quant_envelope
 
 log = logging.getLogger("ember.http")
 
@@ -38,7 +40,11 @@ def openai_envelope(error: EmberError) -> dict[str, Any]:
 
 
 # Path prefix → envelope; later dialects register theirs here. Longest prefix wins.
-ENVELOPES: dict[str, Envelope] = {"/": openai_envelope}
+ENVELOPES: dict[str, Envelope] = {
+    "/": openai_envelope,
+    "/v1/ai/": infrai_envelope,
+    "/api/v3/organizations/": quant_envelope,
+}
 
 
 def envelope_for(path: str) -> Envelope:

@@ -195,3 +195,14 @@ def test_generation_stops_between_steps_when_every_caller_is_gone(tiny_diffusion
     gone.cancelled.set()
     adapter.batch([gone])
     assert len(calls) == 1
+
+
+async def test_image_to_image_with_fewer_steps_than_one_denoise_still_runs(
+    served: Served,
+) -> None:
+    picture = png_bytes(Image.new("RGB", (64, 64), (10, 200, 10)))
+    variation = await served.openai.images.create_variation(
+        image=("in.png", picture), response_format="b64_json",
+        extra_body={"num_inference_steps": 1, "strength": 0.3},
+    )
+    assert variation.data is not None and decode(variation.data[0].b64_json).size == (64, 64)

@@ -1,0 +1,81 @@
+"""Helpers the gateway dialects (server/infrai, server/quantcdn) share: naming fields the
+dialect's way in engine errors, deadlines, and links to generated files."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager, contextmanager
+from typing import TypeVar
+
+from fastapi import Request
+
+from engine.errors import DeadlineExceededError, EmberError, ModelNotFoundError
+from engine.registry import Task
+from engine.service import Engine
+
+T = TypeVar("T")
+
+
+@contextmanager
+def renamed_params(names: dict[str, str]) -> Iterator[None]:
+    """Engine errors name OpenAI's fields (`prompt`, `n`, `size`); a dialect renames them to
+    its own."""
+    try:
+        yield
+    except EmberError as error:
+        if error.param in names:
+            error.param = names[error.param]
+        raise
+
+
+def deadline_error(timeout_s: float) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"The reply took longer than timeout_seconds ({timeout_s:g} s); the work was stopped.",
+        param="timeout_seconds",
+    )
+
+
+async def within(events: AsyncIterator[T], timeout_s: float) -> AsyncIterator[T]:
+    """`events` cut off `timeout_s` after the first pull (closing them stops the engine's
+    work); running out of time raises DeadlineExceededError."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with aclosing(events):  # type: ignore[type-var]
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                raise deadline_error(timeout_s) from exc
+            yield event
+
+
+def file_url(request: Request, engine: Engine, file_id: str) -> str:
+    """Where a generated file is served (behind a proxy: `public_url`)."""
+    base = engine.settings.public_url or str(request.base_url)
+    return f"{base.rstrip('/')}/v1/files/{file_id}/content"
+
+
+@asynccontextmanager
+async def deadline(timeout_s: float) -> AsyncIterator[None]:
+    """The block must finish within `timeout_s`; past it, its work is cancelled and the caller
+    gets a 504 naming timeout_seconds."""
+    scope = asyncio.timeout(timeout_s)
+    try:
+        async with scope:
+            yield
+    except TimeoutError as exc:
+        if scope.expired():
+            raise deadline_error(timeout_s) from exc
+        raise
+
+
+def default_model(engine: Engine, task: Task) -> str:
+    """A gateway request without `model`: the registry's default model of the task."""
+    entry = engine.registry.default_for(task)
+    if entry is None:
+        raise ModelNotFoundError(f"No default {task} model is configured; name one in `model`.",
+                                 param="model")
+    return entry.id

@@ -1,0 +1,108 @@
+"""Wire schemas of the `/v1/ai/*` API (seed 001), snake_case as it sends them. Unknown fields
+are accepted and ignored; a known field with a bad value is a 400 naming it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Prefer = Literal["balanced", "cheapest", "smartest"]
+TaskName = Literal["general", "reasoning", "coding", "long_context"]
+CacheStrategy = Literal["vendor", "infrai", "none"]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str | None = Field(None, min_length=1)
+    vendor: str | None = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class ResponseFormatIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatIn(Body):
+    # A prompt string is one user message; kept a list type so errors name the message.
+    messages: list[ChatMessageIn]
+    task: TaskName = "general"
+    prefer: Prefer = "balanced"
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    response_format: ResponseFormatIn | None = None
+    cache_strategy: CacheStrategy = "vendor"
+    batch_mode: bool = False
+    max_cost_multiplier: float = Field(1.5, gt=0)
+    stream: bool = False
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    timeout_seconds: float = Field(60, gt=0)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _prompt_string(cls, value: Any) -> Any:
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+
+class EmbedIn(Body):
+    input: str | list[str]
+    dimensions: int | None = Field(None, ge=1)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+
+
+class ImageIn(Body):
+    prompt: str
+    size: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    prefer: Prefer = "balanced"
+
+
+class MediaRef(BaseModel):
+    """`{url}` or `{base64, mime?}`: exactly one of url and base64."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str | None = Field(None, min_length=1)
+    base64: str | None = Field(None, min_length=1)
+    mime: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MediaRef:
+        if (self.url is None) == (self.base64 is None):
+            raise ValueError("give exactly one of url and base64")
+        return self
+
+
+class VisionIn(Body):
+    """ember extensions: temperature, max_tokens (as chat)."""
+
+    prompt: str = Field(min_length=1)
+    images: list[MediaRef] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class TtsIn(Body):
+    input: str
+    voice: str | None = Field(None, min_length=1)
+    format: Literal["mp3", "wav", "ogg", "pcm"] = "mp3"
+
+
+class AsrIn(Body):
+    audio: MediaRef
+    language: str | None = Field(None, min_length=1)
+
+
+class RealtimeTokenIn(Body):
+    voice: str | None = None
+    ttl_seconds: int | None = Field(None, gt=0)

@@ -1,0 +1,115 @@
+"""QuantCDN `/api/v3/organizations/{organisation}/ai/*` routes (seed 002): parse, call the
+engine, serialize."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from engine.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.types import (
+    ChoiceFinished,
+    EmbeddingRequest,
+    GenerationEvent,
+    GenerationRequest,
+    ImageRequest,
+    TextDelta,
+)
+from models.embeddings import truncate_dimensions
+from server.deps import EngineDep
+from server.gateway import renamed_params
+from server.quantcdn import translate
+from server.quantcdn.auth import require_organisation_key
+from server.quantcdn.errors import quant_envelope
+from server.quantcdn.schemas import ChatIn, EmbeddingsIn, ImageGenerationIn
+from server.responses import JSON
+from server.streaming import prime, sse_response
+
+router = APIRouter(prefix="/api/v3/organizations/{organisation}/ai",
+                   dependencies=[Depends(require_organisation_key)])
+
+
+@router.post("/chat")
+async def chat(body: ChatIn, engine: EngineDep) -> Any:
+    """Buffered: the whole reply in one response (`stream` in the body changes nothing, as
+    the gateway documents)."""
+    request = translate.chat_request(body)
+    with renamed_params(translate.CHAT_PARAMS):
+        result = await engine.generate(request)
+    return JSON(translate.chat_response(body, request.request_id, result))
+
+
+@router.post("/chat/stream")
+async def chat_stream(body: ChatIn, engine: EngineDep) -> Any:
+    """SSE: `{requestId, model, delta}` per piece of text, then `{requestId, model,
+    finishReason, usage}`, then `[DONE]`."""
+    request = translate.chat_request(body)
+    with renamed_params(translate.CHAT_PARAMS):
+        events = await prime(engine.stream(request))
+    return sse_response(_chat_frames(body, request, events), quant_envelope)
+
+
+async def _chat_frames(body: ChatIn, request: GenerationRequest,
+                       events: AsyncIterator[GenerationEvent]) -> AsyncIterator[dict[str, Any]]:
+    head = {"requestId": request.request_id, "model": body.model_id}
+    finish = None
+    async for event in events:
+        if isinstance(event, TextDelta):
+            yield {**head, "delta": event.text}
+        elif isinstance(event, ChoiceFinished):
+            finish = event.finish_reason
+        else:
+            yield {**head, "finishReason": finish, "usage": translate.usage_json(event)}
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingsIn, engine: EngineDep) -> Any:
+    """`dimensions` at or above the model's own size gives the model's own vectors (the
+    client sends 1024 unless told otherwise); below it, they are truncated and re-normalized.
+    `dimension` reports the size returned."""
+    texts = translate.embedding_texts(body.input, body.normalize)
+    with renamed_params({"model": "modelId"}):
+        result = await engine.embed(EmbeddingRequest(model=body.model_id, texts=texts))
+    vectors = truncate_dimensions(result.vectors, body.dimensions)
+    return JSON(translate.embeddings_response(body.model_id, isinstance(body.input, str),
+                                              vectors, result.prompt_tokens))
+
+
+@router.post("/image-generation")
+async def image_generation(body: ImageGenerationIn, engine: EngineDep) -> Any:
+    with renamed_params(translate.image_params(body.task_type)):
+        job = await _image_request(body)
+        result = await engine.generate_images(job)
+    images = [base64.b64encode(picture.data).decode() for picture in result.images]
+    return JSON({"images": images, "maskImage": None, "error": None})
+
+
+async def _image_request(body: ImageGenerationIn) -> ImageRequest:
+    task = body.task_type
+    if task == "TEXT_IMAGE":
+        return translate.text_to_image(body)
+    if task == "IMAGE_VARIATION":
+        return translate.image_variation(body)
+    if task == "INPAINTING":
+        params = body.in_painting_params
+        if params is None:
+            raise InvalidRequestError("Missing required parameter: 'inPaintingParams'.",
+                                      param="inPaintingParams",
+                                      code="missing_required_parameter")
+        if params.mask_prompt is not None:
+            raise UnsupportedFeatureError(
+                "maskPrompt needs a segmentation model, which this server does not have; "
+                "send a maskImage (black where to repaint).", param="inPaintingParams.maskPrompt"
+            )
+        mask = translate.b64_bytes(params.mask_image, "inPaintingParams.maskImage")
+        return translate.inpainting(body, await asyncio.to_thread(
+            translate.black_mask_to_alpha, mask))
+    raise UnsupportedFeatureError(
+        f"taskType {task} is not supported by this server: ember has no "
+        f"{translate.UNSUPPORTED_TASKS[task]}. Supported: TEXT_IMAGE, IMAGE_VARIATION, "
+        "INPAINTING.", param="taskType",
+    )

@@ -1,0 +1,108 @@
+"""Wire schemas of the QuantCDN AI inference API (seed 002), camelCase as the published
+`quantcdn-client` (4.8) sends it, with its defaults. Unknown fields are accepted and ignored;
+a known field with a bad value is a 400 naming it (by its camelCase name)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+
+
+class MessageIn(Wire):
+    role: Literal["user", "assistant", "system"]
+    # A string, or content blocks: {text}, {image: {format, source: {bytes}}}, {video}, {document}
+    content: str | list[dict[str, Any]]
+
+
+class ResponseFormatIn(Wire):
+    type: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="jsonSchema")
+
+
+class ToolConfigIn(Wire):
+    tools: list[dict[str, Any]] | None = None
+    auto_execute: bool = Field(False, alias="autoExecute")
+    allowed_tools: list[str] | None = Field(None, alias="allowedTools")
+
+
+class ChatIn(Wire):
+    messages: list[MessageIn] = Field(min_length=1)
+    model_id: str = Field(alias="modelId", min_length=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=1, le=8192, alias="maxTokens")
+    top_p: float | None = Field(None, gt=0, le=1, alias="topP")
+    stream: bool | None = None  # the buffered route answers in one piece whatever it says
+    system_prompt: str | None = Field(None, alias="systemPrompt")
+    stop_sequences: list[str] | None = Field(None, max_length=4, alias="stopSequences")
+    response_format: ResponseFormatIn | None = Field(None, alias="responseFormat")
+    tool_config: ToolConfigIn | None = Field(None, alias="toolConfig")
+
+
+class EmbeddingsIn(Wire):
+    input: str | list[str]
+    model_id: str = Field("amazon.titan-embed-text-v2:0", alias="modelId", min_length=1)
+    dimensions: int | None = Field(1024, ge=1)
+    normalize: bool = True
+
+
+NovaStyle = Literal[
+    "3D_ANIMATED_FAMILY_FILM", "DESIGN_SKETCH", "FLAT_VECTOR_ILLUSTRATION",
+    "GRAPHIC_NOVEL_ILLUSTRATION", "MAXIMALISM", "MIDCENTURY_RETRO", "PHOTOREALISM",
+    "SOFT_DIGITAL_PAINTING",
+]
+TaskType = Literal[
+    "TEXT_IMAGE", "COLOR_GUIDED_GENERATION", "IMAGE_VARIATION", "INPAINTING", "OUTPAINTING",
+    "BACKGROUND_REMOVAL", "VIRTUAL_TRY_ON",
+]
+
+
+class TextToImageParams(Wire):
+    text: str | None = Field(None, min_length=1, max_length=1024)
+    negative_text: str | None = Field(None, min_length=1, max_length=1024, alias="negativeText")
+    style: NovaStyle | None = None
+    condition_image: str | None = Field(None, alias="conditionImage")
+    control_mode: Literal["CANNY_EDGE", "SEGMENTATION"] | None = Field(None, alias="controlMode")
+    control_strength: float | None = Field(None, ge=0, le=1, alias="controlStrength")
+
+
+class ImageVariationParams(Wire):
+    images: list[str] = Field(min_length=1, max_length=5)
+    similarity_strength: float | None = Field(None, ge=0.2, le=1, alias="similarityStrength")
+    text: str | None = Field(None, min_length=1, max_length=1024)
+    negative_text: str | None = Field(None, min_length=1, max_length=1024, alias="negativeText")
+
+
+class InPaintingParams(Wire):
+    image: str | None = None
+    mask_image: str | None = Field(None, alias="maskImage")
+    mask_prompt: str | None = Field(None, alias="maskPrompt")
+    text: str | None = Field(None, min_length=1, max_length=1024)
+    negative_text: str | None = Field(None, alias="negativeText")
+
+
+class ImageGenerationConfig(Wire):
+    width: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=1)
+    quality: Literal["standard", "premium"] = "standard"
+    cfg_scale: float = Field(6.5, ge=1.1, le=10, alias="cfgScale")
+    seed: int | None = Field(None, ge=0, le=2147483646)
+    number_of_images: int = Field(1, ge=1, le=5, alias="numberOfImages")
+
+
+class ImageGenerationIn(Wire):
+    model_id: str = Field("amazon.nova-canvas-v1:0", alias="modelId", min_length=1)
+    task_type: TaskType = Field(alias="taskType")
+    text_to_image_params: TextToImageParams | None = Field(None, alias="textToImageParams")
+    image_variation_params: ImageVariationParams | None = Field(
+        None, alias="imageVariationParams"
+    )
+    in_painting_params: InPaintingParams | None = Field(None, alias="inPaintingParams")
+    image_generation_config: ImageGenerationConfig = Field(
+        default_factory=ImageGenerationConfig, alias="imageGenerationConfig"
+    )
+    region: str | None = None  # where Nova Canvas runs; a local server has one place
