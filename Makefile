@@ -26,6 +26,9 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(VENV)/bin/ember bench overhead
 	$(VENV)/bin/ember bench sweep
+	$(VENV)/bin/ember bench speech
+	$(VENV)/bin/ember bench images
+	$(VENV)/bin/ember bench jobs
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

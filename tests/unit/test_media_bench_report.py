@@ -163,7 +163,7 @@ def test_job_table() -> None:
     assert "| last step to completed (bare: to the mp4 bytes) | 800 | 875 | +75 |" in text
     assert "| total (job: submit to completed) | 7300 | 7460 | +160 |" in text
     assert "Total job time / bare call time: 1.022." in text
-    assert "it was seen in 2 of 3 jobs, the first step in 3 of 3" in text
+    assert "was seen in 2 of 3 jobs, the first step in 3 of 3" in text
     assert "every 0.5 s" in text
     assert "queued 0% at 12, running 11% at 960, completed 100% at 7460" in text
     assert "| every 10 ms | 700 | 15.0 | 800 | 7460 | 1.022 |" in text
