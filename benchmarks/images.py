@@ -61,6 +61,7 @@ from benchmarks.overhead import (
     start_server,
     stop_server,
     wait_until_ready,
+    write_report,
 )
 from engine.images import encode_image
 
@@ -589,12 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         with log.open("w") as log_file:
             report = measure(args, progress, scratch, log, log_file)
 
-    table = render(report)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "images.md").write_text(table)
-    (args.out / "images.json").write_text(json.dumps(raw_numbers(report), indent=2) + "\n")
-    print(f"wrote {args.out / 'images.md'} and {args.out / 'images.json'}", file=sys.stderr)
+    write_report(args.out, "images", render(report), raw_numbers(report))
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
-import json
 import os
 import statistics
 import sys
@@ -68,6 +67,7 @@ from benchmarks.overhead import (
     start_server,
     stop_server,
     wait_until_ready,
+    write_report,
 )
 from engine.jobs import PROGRESS_WRITE_S
 from models.video import encode_mp4
@@ -600,12 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         with log.open("w") as log_file:
             report = measure(args, progress, scratch, log, log_file)
 
-    table = render(report)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "jobs.md").write_text(table)
-    (args.out / "jobs.json").write_text(json.dumps(raw_numbers(report), indent=2) + "\n")
-    print(f"wrote {args.out / 'jobs.md'} and {args.out / 'jobs.json'}", file=sys.stderr)
+    write_report(args.out, "jobs", render(report), raw_numbers(report))
     return 0
 
 

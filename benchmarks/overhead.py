@@ -170,6 +170,15 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
             server.wait()
 
 
+def write_report(out: Path, name: str, table: str, raw: dict[str, Any]) -> None:
+    """Print the Markdown table and keep it, with the raw numbers, as OUT/NAME.md/.json."""
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table)
+    (out / f"{name}.json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(f"wrote {out / f'{name}.md'} and {out / f'{name}.json'}", file=sys.stderr)
+
+
 def log_tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -540,12 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         report = measure(args, progress, log, log_file)
     log.unlink(missing_ok=True)
 
-    table = render(report)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.md").write_text(table)
-    (args.out / "overhead.json").write_text(json.dumps(raw_numbers(report), indent=2) + "\n")
-    print(f"wrote {args.out / 'overhead.md'} and {args.out / 'overhead.json'}", file=sys.stderr)
+    write_report(args.out, "overhead", render(report), raw_numbers(report))
     return 0
 
 

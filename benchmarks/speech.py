@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 import statistics
 import sys
@@ -52,6 +51,7 @@ from benchmarks.overhead import (
     start_server,
     stop_server,
     wait_until_ready,
+    write_report,
 )
 from engine.audio import OUTPUT_RATE, decode_audio, encode_audio
 from engine.registry import Registry
@@ -441,12 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         with log.open("w") as log_file:
             report = measure(args, progress, log, log_file)
 
-    table = render(report)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speech.md").write_text(table)
-    (args.out / "speech.json").write_text(json.dumps(raw_numbers(report), indent=2) + "\n")
-    print(f"wrote {args.out / 'speech.md'} and {args.out / 'speech.json'}", file=sys.stderr)
+    write_report(args.out, "speech", render(report), raw_numbers(report))
     return 0
 
 

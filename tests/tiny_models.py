@@ -66,34 +66,13 @@ def build_tiny_stable_diffusion(folder: Path) -> Path:
     """A Stable-Diffusion-shaped pipeline at toy size (VAE scale factor 8 as in real SD), with
     a byte-level CLIP tokenizer written locally (no download)."""
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = folder / "clip-tokenizer"
-    tokenizer_dir.mkdir(exist_ok=True)
-    # Byte-level vocabulary: every printable byte as a token, plus CLIP's specials.
-    symbols = [chr(c) for c in range(33, 127)] + [f"{chr(c)}</w>" for c in range(33, 127)]
-    vocab = {s: i for i, s in enumerate([*symbols, "<|startoftext|>", "<|endoftext|>"])}
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-    )
+    tokenizer, text_encoder, vae = _tiny_diffusion_parts(folder)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
@@ -275,32 +254,12 @@ def build_tiny_text_to_video(folder: Path) -> Path:
     AutoencoderKL with the VAE scale factor 8 of the real ones, a tiny CLIP text encoder with
     a byte-level tokenizer written locally (no download)."""
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         TextToVideoSDPipeline,
         UNet3DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tokenizer_dir = folder / "clip-tokenizer"
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    symbols = [chr(c) for c in range(33, 127)] + [f"{chr(c)}</w>" for c in range(33, 127)]
-    vocab = {s: i for i, s in enumerate([*symbols, "<|startoftext|>", "<|endoftext|>"])}
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-    )
+    tokenizer, text_encoder, vae = _tiny_diffusion_parts(folder)
     unet = UNet3DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
@@ -419,3 +378,31 @@ def build_tiny_bert_classifier(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _tiny_diffusion_parts(folder: Path) -> tuple[Any, Any, Any]:
+    """The CLIP tokenizer (written locally: byte-level, no download), text encoder and VAE
+    (4 blocks, so its scale factor is 8 as in real SD) that the tiny pipelines share."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer_dir = folder / "clip-tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    symbols = [chr(c) for c in range(33, 127)] + [f"{chr(c)}</w>" for c in range(33, 127)]
+    vocab = {s: i for i, s in enumerate([*symbols, "<|startoftext|>", "<|endoftext|>"])}
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+    )
+    return tokenizer, text_encoder, vae

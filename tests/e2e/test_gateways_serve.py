@@ -6,20 +6,14 @@ HTTP."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import quantcdn
 from quantcdn.exceptions import ApiException
 
-from tests.e2e.test_serve import STARTUP_LIMIT_S, free_port
+from tests.e2e.process import ember_serve
 
 pytestmark = pytest.mark.e2e
 KEYS = {"acme": ["acme-key"], "globex": ["globex-key"]}
@@ -27,36 +21,12 @@ KEYS = {"acme": ["acme-key"], "globex": ["globex-key"]}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("gateways") / "ember.log"
-    env = {**os.environ, "EMBER_DATA_DIR": str(log_path.parent / "data"),
+    env = {"EMBER_DATA_DIR": str(log_path.parent / "data"),
            "EMBER_PRELOAD": "smollm2-135m-instruct,all-minilm-l6-v2",
            "EMBER_ORGANIZATION_KEYS": json.dumps(KEYS)}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ember.cli", "serve", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2],
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while True:
-            assert process.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+    with ember_serve(log_path, env) as (base, _):
         yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
 
 
 def api(base: str, token: str) -> quantcdn.AIInferenceApi:

@@ -3,60 +3,31 @@ job runs and 100 music jobs wait; started again on the same data dir, it runs ev
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.test_serve import free_port
+from tests.e2e.process import ember_serve
 
 pytestmark = pytest.mark.e2e
 QUEUED_JOBS = 100
 
 
-@contextmanager
-def ember_serve(registry: Path, data_dir: Path, log_path: Path) -> Iterator[
-        tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = {**os.environ, "EMBER_REGISTRY_FILE": str(registry), "EMBER_DATA_DIR": str(data_dir),
-           "EMBER_MODELS_DIR": str(data_dir / "models"), "EMBER_PRELOAD": "",
-           "EMBER_TORCH_THREADS": "1"}
-    with log_path.open("a") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ember.cli", "serve", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2],
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+def job_server_env(registry: Path, data_dir: Path) -> dict[str, str]:
+    return {"EMBER_REGISTRY_FILE": str(registry), "EMBER_DATA_DIR": str(data_dir),
+            "EMBER_MODELS_DIR": str(data_dir / "models"), "EMBER_PRELOAD": "",
+            "EMBER_TORCH_THREADS": "1"}
 
 
 def test_jobs_run_after_the_server_is_killed_mid_job(
     test_registry: Path, tmp_path: Path
 ) -> None:
     log_path = tmp_path / "ember.log"
-    with ember_serve(test_registry, tmp_path / "data", log_path) as (base, process):
+    env = job_server_env(test_registry, tmp_path / "data")
+    with ember_serve(log_path, env, wait_for="/health") as (base, process):
         running = httpx.post(f"{base}/v1/video/generations", json={
             "prompt": "a long scene", "num_inference_steps": 60, "seed": 1,
         }).json()["job_id"]
@@ -75,7 +46,7 @@ def test_jobs_run_after_the_server_is_killed_mid_job(
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
 
-    with ember_serve(test_registry, tmp_path / "data", log_path) as (base, _):
+    with ember_serve(log_path, env, wait_for="/health") as (base, _):
         assert "1 queued again" in log_path.read_text()
         deadline = time.monotonic() + 240
         for job_id in [running, *queued]:

@@ -5,61 +5,26 @@ published `openai` client."""
 from __future__ import annotations
 
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.audio_files import word_error_rate
+from tests.e2e.process import ember_serve
 
 pytestmark = pytest.mark.e2e
-STARTUP_LIMIT_S = 420  # the first start on a fresh machine de-quantizes the GGUF (~20-60 s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "ember.log"
-    env = {**os.environ, "EMBER_DATA_DIR": str(log_path.parent / "data")}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ember.cli", "serve", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2],
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while True:
-            assert process.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+    with ember_serve(log_path, {"EMBER_DATA_DIR": str(log_path.parent / "data")}) as (base, _):
         yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
     output = log_path.read_text()
     assert "ember serving at http://127.0.0.1:" in output
     assert (
