@@ -123,6 +123,18 @@ class Batcher(Generic[In, Out]):
             self._withdraw(items)
             raise
 
+    async def submit_all(self, payloads: Sequence[In]) -> list[Out]:
+        """Every result, in order, however many: more items than the queue holds go in slices
+        of half the queue (submitted whole they would be refused with 429 however long the
+        caller waited)."""
+        if len(payloads) <= self.max_queue:
+            return await self.submit_many(payloads)
+        step = max(1, self.max_queue // 2)
+        results: list[Out] = []
+        for start in range(0, len(payloads), step):
+            results += await self.submit_many(payloads[start:start + step])
+        return results
+
     async def stream(self, payloads: Sequence[In]) -> AsyncIterator[Out]:
         """Each result in order as soon as it and those before it are done (speech streams
         sentence by sentence). Closing the iterator early withdraws what is still queued."""

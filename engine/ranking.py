@@ -5,8 +5,6 @@ document (pair) or text, so items of concurrent requests share batches, grouped 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
 
 from engine import metrics
 from engine.errors import InvalidRequestError, ModelNotFoundError
@@ -22,19 +20,6 @@ from engine.types import (
     RerankRequest,
     RerankResult,
 )
-
-
-async def submit_all(runner: Any, items: Sequence[Any]) -> list[Any]:
-    """Every result, in order. A request with more items than the model's queue holds goes in
-    slices of half the queue: submitted whole, it would be refused with 429 however long the
-    caller waited."""
-    if len(items) <= runner.max_queue:
-        return list(await runner.submit_many(items))
-    step = max(1, runner.max_queue // 2)
-    results: list[Any] = []
-    for start in range(0, len(items), step):
-        results += await runner.submit_many(items[start:start + step])
-    return results
 
 
 def _check_count(count: int, limit: int, param: str, setting: str) -> None:
@@ -74,7 +59,7 @@ async def rerank(manager: ModelManager, settings: Settings, request: RerankReque
     async with manager.lease(name, "rerank") as slot:
         adapter = slot.adapter
         items = await asyncio.to_thread(adapter.prepare, request.query, request.documents)
-        scores: list[float] = adapter.relevance(await submit_all(slot.runner, items))
+        scores: list[float] = adapter.relevance(await slot.runner.submit_all(items))
         tokens = sum(map(adapter.size_of, items))
     metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
     # Ties keep the documents' order, so equal scores rank the same way every time.
@@ -104,6 +89,6 @@ async def moderate(
     async with manager.lease(name, "moderation") as slot:
         adapter = slot.adapter
         items = await asyncio.to_thread(adapter.prepare, request.texts)
-        scores = await submit_all(slot.runner, items)
+        scores = await slot.runner.submit_all(items)
         thresholds = adapter.thresholds
     return ModerationResult(model=name, results=[verdict(s, thresholds) for s in scores])

@@ -234,7 +234,7 @@ class Engine:
             size = sum(map(len, request.texts or request.token_ids or []))
             inputs = await off_loop_if_large(size, adapter.tokenize, request)
             tokens = sum(map(len, inputs))
-            vectors = await slot.runner.submit_many(inputs)
+            vectors = await slot.runner.submit_all(inputs)
             metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
             metrics.EMBEDDED_INPUTS.labels(slot.entry.id).inc(count)
             matrix = truncate_dimensions(np.stack(vectors), request.dimensions)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from tests.conftest import Served
+from engine.settings import Settings
+from tests.conftest import Served, serve_in_process
 
 TEXTS = [
     "Machine learning is a subset of artificial intelligence.",
@@ -74,3 +76,15 @@ async def test_token_id_inputs_match_text_inputs(served: Served) -> None:
     by_ids = await served.openai.embeddings.create(model="all-minilm-l6-v2", input=[ids, ids])
     assert len(by_ids.data) == 2
     assert cosine(by_ids.data[0].embedding, by_text.data[0].embedding) > 0.999
+
+
+async def test_a_request_with_more_inputs_than_the_queue_holds_is_served(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Sent in slices of half the queue, not refused with 429 however long it waited."""
+    async with serve_in_process(make_settings(max_queue_per_model=16)) as small_queue:
+        texts = [f"sentence number {i}" for i in range(40)]
+        reply = await small_queue.openai.embeddings.create(
+            model="text-embedding-ada-002", input=texts
+        )
+    assert [d.index for d in reply.data] == list(range(40))

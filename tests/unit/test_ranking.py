@@ -16,7 +16,7 @@ import torch
 from engine.batcher import Batcher
 from engine.compute import ComputeThread
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
-from engine.ranking import submit_all, verdict
+from engine.ranking import verdict
 from engine.registry import ModelEntry, Registry
 from engine.settings import Settings
 from engine.types import MODERATION_CATEGORIES
@@ -50,8 +50,8 @@ async def test_requests_larger_than_the_queue_go_in_slices() -> None:
         max_wait_ms=1, max_queue=10,
     )
     try:
-        assert await submit_all(batcher, list(range(25))) == [i * 2 for i in range(25)]
-        assert await submit_all(batcher, [1, 2, 3]) == [2, 4, 6]
+        assert await batcher.submit_all(list(range(25))) == [i * 2 for i in range(25)]
+        assert await batcher.submit_all([1, 2, 3]) == [2, 4, 6]
     finally:
         batcher.shutdown()
 
