@@ -40,17 +40,23 @@ async def test_full_chat_queue_is_429_with_retry_after(
 
 
 async def test_full_embedding_queue_is_429(make_settings: Callable[..., Settings]) -> None:
-    tight = {"id": "all-minilm-l6-v2", "limits": {"max_queue": 4}}
+    # A long batching wait keeps the first request's inputs in the queue while the second
+    # arrives; the second does not fit beside them.
+    tight = {"id": "all-minilm-l6-v2", "limits": {"max_queue": 4, "max_wait_ms": 1000}}
     async with serve_in_process(make_settings(models=[tight])) as served:
-        response = await served.http.post(
-            "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["a"] * 5}
+        await served.http.post("/v1/models/load", json={"model": "all-minilm-l6-v2"})
+        body = {"model": "all-minilm-l6-v2", "input": ["a", "b", "c"]}
+        first = asyncio.ensure_future(served.http.post("/v1/embeddings", json=body))
+        await asyncio.sleep(0.3)
+        refused = await served.http.post("/v1/embeddings", json=body)
+        assert refused.status_code == 429
+        assert "Retry-After" in refused.headers
+        assert (await first).status_code == 200
+        # One request larger than the whole queue is not refused: it goes in slices.
+        large = await served.http.post(
+            "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["x"] * 6}
         )
-        assert response.status_code == 429
-        assert "Retry-After" in response.headers
-        ok = await served.http.post(
-            "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["a"] * 4}
-        )
-        assert ok.status_code == 200
+        assert large.status_code == 200 and len(large.json()["data"]) == 6
 
 
 async def test_request_waiting_past_its_deadline_is_504(
