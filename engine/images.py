@@ -8,6 +8,8 @@ import asyncio
 import io
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from engine import metrics
 from engine.errors import InvalidRequestError
 from engine.manager import ModelManager
@@ -16,6 +18,34 @@ from engine.types import GeneratedImage, ImageRequest, ImageResult
 MAX_IMAGES = 10  # OpenAI's limit on `n`
 IMAGE_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"),
                  "webp": ("WEBP", "image/webp")}
+
+
+# Decoded size cap. PIL only warns up to twice its own bomb limit (~179 megapixels); a
+# caller's image is refused well before it costs that much memory.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def decode_image(data: bytes, param: str) -> Image.Image:
+    """A caller's image (chat image parts, edit inputs and masks) loaded with PIL, in its own
+    mode; anything PIL cannot read, or too large, is a 400 naming `param`."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InvalidRequestError(
+                    f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels "
+                    "are accepted",
+                    param=param,
+                )
+            opened.load()  # truncated data fails here, not later in a model
+            return opened.copy()
+    except InvalidRequestError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidRequestError(
+            f"{param} is not an image that can be decoded (PNG, JPEG, WebP, GIF, ...): {exc}",
+            param=param,
+        ) from exc
 
 
 def encode_image(image: Any, fmt: str) -> tuple[bytes, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import secrets
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from engine.artifacts import ArtifactStore
+from engine.cache import digest as canonical_digest
 from engine.errors import (
     ConflictError,
     EmberError,
@@ -90,11 +90,6 @@ class Job:
     seq: int = 0
 
 
-def _digest(kind: str, model: str, params: dict[str, Any]) -> str:
-    canonical = json.dumps([kind, model, params], sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 class JobStore:
     """The jobs table. Every method blocks (SQLite I/O): call them from worker threads."""
 
@@ -132,7 +127,7 @@ class JobStore:
         """(job, created). The same idempotency key returns the job it made, once more; the
         same key with a different `request` (what the caller sent, before defaults and random
         seeds were filled in) is a 409."""
-        digest = _digest(kind, model, params if request is None else request)
+        digest = canonical_digest([kind, model, params if request is None else request])
         with self._lock:
             if idempotency_key:
                 existing = self._db.execute(

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 
 from engine import metrics
-from engine.errors import InvalidRequestError, ModelNotFoundError
+from engine.errors import InvalidRequestError
+from engine.limits import check_count
 from engine.manager import ModelManager
-from engine.registry import Task
 from engine.settings import Settings
 from engine.types import (
     MODERATION_CATEGORIES,
@@ -22,34 +22,12 @@ from engine.types import (
 )
 
 
-def _check_count(count: int, limit: int, param: str, setting: str) -> None:
-    if count == 0:
-        raise InvalidRequestError(f"{param} must not be empty", param=param)
-    if count > limit:
-        raise InvalidRequestError(
-            f"{param} has {count} items; at most {limit} are allowed per request "
-            f"(setting {setting})",
-            param=param,
-        )
-
-
-def _model_name(manager: ModelManager, name: str | None, task: Task) -> str:
-    """The name the caller sent, or the task's default model's id."""
-    if name is not None:
-        return name
-    default = manager.registry.default_for(task)
-    if default is None:
-        raise ModelNotFoundError(f"No default {task} model is configured; name one in `model`.",
-                                 param="model")
-    return default.id
-
-
 async def rerank(manager: ModelManager, settings: Settings, request: RerankRequest) -> RerankResult:
-    name = _model_name(manager, request.model, "rerank")
+    name = manager.registry.model_or_default(request.model, "rerank")
     if not request.query:
         raise InvalidRequestError("query must not be empty", param="query")
     count = len(request.documents)
-    _check_count(count, settings.max_rerank_documents, "documents", "max_rerank_documents")
+    check_count(count, settings.max_rerank_documents, "documents", "max_rerank_documents")
     for index, document in enumerate(request.documents):
         if not document:
             raise InvalidRequestError(f"documents[{index}] is empty", param=f"documents[{index}]")
@@ -79,8 +57,8 @@ def verdict(scores: dict[str, float], thresholds: dict[str, float]) -> Moderatio
 async def moderate(
     manager: ModelManager, settings: Settings, request: ModerationRequest
 ) -> ModerationResult:
-    name = _model_name(manager, request.model, "moderation")
-    _check_count(len(request.texts), settings.max_embedding_inputs, "input",
+    name = manager.registry.model_or_default(request.model, "moderation")
+    check_count(len(request.texts), settings.max_embedding_inputs, "input",
                  "max_embedding_inputs")
     for index, text in enumerate(request.texts):
         if not text:

@@ -129,3 +129,15 @@ class Registry:
 
     def default_for(self, task: Task) -> ModelEntry | None:
         return next((e for e in self._entries.values() if e.task == task and e.default), None)
+
+    def model_or_default(self, name: str | None, task: Task) -> str:
+        """The name a caller sent, or, where the API lets `model` be left out, the task's
+        default model's id (404 when the registry has none)."""
+        if name:
+            return name
+        default = self.default_for(task)
+        if default is None:
+            raise ModelNotFoundError(
+                f"No default {task} model is configured; name one in `model`.", param="model"
+            )
+        return default.id

@@ -21,7 +21,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from engine.errors import InvalidRequestError, ModelNotFoundError
+from engine.errors import InvalidRequestError
 from engine.manager import ModelManager, ModelState
 from engine.registry import ModelEntry, Registry, Task
 from engine.settings import Settings
@@ -83,7 +83,7 @@ class Router:
         """The id of the model that serves a `kind` request for `task`, by `prefer`."""
         table = self.tables.get(kind)
         if table is None:
-            return self._default(kind)
+            return self.registry.model_or_default(None, kind)
         if task not in table.tasks:
             raise InvalidRequestError(
                 f"task must be one of {', '.join(table.tasks)}; got {task!r}", param="task"
@@ -95,7 +95,7 @@ class Router:
         candidates = [(e, size) for e, size in self._installed(kind, task)
                       if self.manager.slot(e.id).state is not ModelState.FAILED]
         if not candidates:
-            return self._default(kind)
+            return self.registry.model_or_default(None, kind)
         rule = table.prefer[prefer]
         if rule == "first":
             return candidates[0][0].id
@@ -124,10 +124,3 @@ class Router:
         found = [(e, size) for e, size in found if size > 0]
         self._candidates[(kind, task)] = (time.monotonic() + CANDIDATES_TTL_S, found)
         return found
-
-    def _default(self, kind: Task) -> str:
-        default = self.registry.default_for(kind)
-        if default is None:
-            raise ModelNotFoundError(f"No {kind} model is configured; name one in `model`.",
-                                     param="model")
-        return default.id

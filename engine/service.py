@@ -21,6 +21,7 @@ from engine.artifacts import ArtifactStore
 from engine.cache import IdempotencyStore, ResponseCache
 from engine.errors import InvalidRequestError
 from engine.jobs import InlineKind, JobRunner
+from engine.limits import check_count
 from engine.manager import ModelManager
 from engine.registry import Registry
 from engine.routing import Router
@@ -217,14 +218,7 @@ class Engine:
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         count = len(request)
-        if count == 0:
-            raise InvalidRequestError("input must not be empty", param="input")
-        if count > self.settings.max_embedding_inputs:
-            raise InvalidRequestError(
-                f"input has {count} items; at most {self.settings.max_embedding_inputs} are "
-                "allowed per request",
-                param="input",
-            )
+        check_count(count, self.settings.max_embedding_inputs, "input", "max_embedding_inputs")
         for index, text in enumerate(request.texts or []):
             if not text:
                 raise InvalidRequestError(f"input[{index}] is an empty string", param="input")

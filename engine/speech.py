@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine import metrics
+from engine.audio import AudioEncoder
 from engine.errors import InvalidRequestError
 from engine.manager import ModelManager
 from engine.registry import Registry
@@ -149,6 +151,20 @@ async def speak(manager: ModelManager, request: SpeechRequest) -> AsyncIterator[
                 raise InvalidRequestError("input has nothing to pronounce", param="input")
         finally:
             rest.cancel()
+
+
+async def encoded_speech(chunks: AsyncIterator[SpeechChunk], fmt: str) -> AsyncIterator[bytes]:
+    """Synthesized speech in `fmt`, each sentence encoded as it arrives (on a worker thread: an
+    encoder call costs milliseconds), so the first bytes leave before the last sentence is
+    synthesized. Closing this closes `chunks`, which stops the synthesis."""
+    encoder: AudioEncoder | None = None
+    async with aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            encoder = encoder or AudioEncoder(fmt, chunk.sample_rate)
+            if data := await asyncio.to_thread(encoder.encode, chunk.samples):
+                yield data
+    if encoder is not None and (data := await asyncio.to_thread(encoder.finish)):
+        yield data
 
 
 @dataclass(frozen=True)

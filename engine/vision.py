@@ -4,20 +4,16 @@ fetching and decoding those images before the request is queued."""
 from __future__ import annotations
 
 import asyncio
-import io
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from engine.errors import InvalidRequestError, ModelUnavailableError, UnsupportedFeatureError
 from engine.fetch import fetch_image
+from engine.images import decode_image
 from engine.registry import ModelEntry, Registry
 from engine.settings import Settings
 from engine.sources import is_installed
 from engine.types import GenerationRequest, ImageInput
-
-# Decoded size cap. PIL only warns up to twice its own bomb limit (~179 megapixels); a
-# caller's image is refused well before it costs that much memory.
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 def chat_entry(registry: Registry, request: GenerationRequest) -> ModelEntry:
@@ -60,26 +56,8 @@ def _install(entry: ModelEntry) -> str:
     return entry.install_hint or f"ember pull {entry.id}"
 
 
-def decode_image(data: bytes, image: ImageInput) -> Image.Image:
-    """Decode with PIL into RGB; anything PIL cannot read is a 400 naming the part."""
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise InvalidRequestError(
-                    f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels "
-                    "are accepted",
-                    param=image.part,
-                )
-            return opened.convert("RGB")  # convert() loads the pixels: truncated data fails here
-    except InvalidRequestError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidRequestError(
-            f"{image.part} is not an image that can be decoded (PNG, JPEG, WebP, GIF, ...): "
-            f"{exc}",
-            param=image.part,
-        ) from exc
+def decode_rgb(data: bytes, param: str) -> Image.Image:
+    return decode_image(data, param).convert("RGB")
 
 
 async def load_images(request: GenerationRequest, settings: Settings) -> None:
@@ -95,7 +73,7 @@ async def load_images(request: GenerationRequest, settings: Settings) -> None:
 
     async def load(image: ImageInput) -> None:
         data = await fetch_image(image.url, settings, image.param)
-        image.image = await asyncio.to_thread(decode_image, data, image)
+        image.image = await asyncio.to_thread(decode_rgb, data, image.part)
 
     tasks = [asyncio.ensure_future(load(image)) for image in images]
     try:

@@ -53,12 +53,13 @@ class ModelAdapter:
         """Run one tiny request so the first user request does not pay for lazy init."""
 
     def memory_bytes(self) -> int:
-        """Bytes the weights occupy; used for the memory budget."""
-        module = self.model
-        if isinstance(module, torch.nn.Module):
-            tensors = [*module.parameters(), *module.buffers()]
-            return sum(t.numel() * t.element_size() for t in tensors)
-        return 0
+        """Bytes the weights occupy; used for the memory budget. A torch module, or a
+        diffusers pipeline (its `components` hold the modules)."""
+        components = getattr(self.model, "components", None)
+        modules = [self.model] if components is None else list(components.values())
+        tensors = [t for m in modules if isinstance(m, torch.nn.Module)
+                   for t in (*m.parameters(), *m.buffers())]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def unload(self) -> None:
         self.model = None

@@ -10,7 +10,6 @@ stops at the next step.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import secrets
@@ -21,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
+from engine.images import decode_image
 from engine.sources import resolve_source
 from engine.types import ImageRequest
 from models.base import ModelAdapter
@@ -58,18 +58,6 @@ class ImageJob:
         return (self.mode, self.width, self.height, self.steps, self.guidance, self.strength)
 
 
-def _open_image(data: bytes, param: str) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidRequestError(
-            f"{param} is not an image that can be read (png, jpeg or webp)",
-            param=param,
-        ) from exc
-    return image
-
-
 class DiffusionImages(ModelAdapter):
     """Registry `options` (the model's right defaults and limits): `default_size` [w, h],
     `max_side`, `default_steps`, `max_steps`, `default_guidance`, `max_prompt_chars`."""
@@ -96,11 +84,6 @@ class DiffusionImages(ModelAdapter):
         self.max_steps = int(options.get("max_steps", 100))
         self.default_guidance = float(options.get("default_guidance", 7.5))
         self.max_prompt_chars = int(options.get("max_prompt_chars", 4000))
-
-    def memory_bytes(self) -> int:
-        modules = [m for m in self.model.components.values() if isinstance(m, torch.nn.Module)]
-        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        return sum(t.numel() * t.element_size() for t in tensors)
 
     def unload(self) -> None:
         self._pipelines = {}
@@ -180,14 +163,14 @@ class DiffusionImages(ModelAdapter):
         width, height = request.width, request.height
         mode = "text"
         if request.image is not None:
-            init_image = _open_image(request.image, "image").convert("RGB")
+            init_image = decode_image(request.image, "image").convert("RGB")
             if width is None or height is None:  # keep the input's size, on the 8-pixel grid
                 scale = min(1.0, self.max_side / max(init_image.size))
                 width, height = (max(MIN_SIDE, int(side * scale) // 8 * 8)
                                  for side in init_image.size)
             mode = "image"
             if request.mask is not None:
-                mask = self._inpaint_mask(_open_image(request.mask, "mask"), init_image)
+                mask = self._inpaint_mask(decode_image(request.mask, "mask"), init_image)
                 mode = "inpaint"
             # Variations keep the picture's composition; edits follow the prompt more.
             if request.strength is None:

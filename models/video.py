@@ -253,11 +253,6 @@ class TextToVideo(ModelAdapter):
         if options.get("vae_dtype"):  # e.g. Wan's VAE is only accurate in float32
             pipeline.vae.to(dtype=getattr(torch, str(options["vae_dtype"])))
 
-    def memory_bytes(self) -> int:
-        modules = [m for m in self.model.components.values() if isinstance(m, torch.nn.Module)]
-        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     @torch.inference_mode()
     def run(
         self,

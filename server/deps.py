@@ -31,3 +31,13 @@ async def require_api_key(request: Request) -> None:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def public_base_url(request: Request, engine: Engine) -> str:
+    """Where clients reach this server: `public_url` behind a proxy, else the request's own."""
+    return (engine.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def file_url(request: Request, engine: Engine, file_id: str) -> str:
+    """The URL a generated file is served at."""
+    return f"{public_base_url(request, engine)}/v1/files/{file_id}/content"

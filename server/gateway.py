@@ -1,5 +1,5 @@
 """Helpers the gateway dialects (server/infrai, server/quantcdn) share: naming fields the
-dialect's way in engine errors, deadlines, and links to generated files."""
+dialect's way in engine errors, and deadlines."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import TypeVar
 
-from fastapi import Request
-
-from engine.errors import DeadlineExceededError, EmberError, ModelNotFoundError
-from engine.registry import Task
-from engine.service import Engine
+from engine.errors import DeadlineExceededError, EmberError
 
 T = TypeVar("T")
 
@@ -52,12 +48,6 @@ async def within(events: AsyncIterator[T], timeout_s: float) -> AsyncIterator[T]
             yield event
 
 
-def file_url(request: Request, engine: Engine, file_id: str) -> str:
-    """Where a generated file is served (behind a proxy: `public_url`)."""
-    base = engine.settings.public_url or str(request.base_url)
-    return f"{base.rstrip('/')}/v1/files/{file_id}/content"
-
-
 @asynccontextmanager
 async def deadline(timeout_s: float) -> AsyncIterator[None]:
     """The block must finish within `timeout_s`; past it, its work is cancelled and the caller
@@ -70,12 +60,3 @@ async def deadline(timeout_s: float) -> AsyncIterator[None]:
         if scope.expired():
             raise deadline_error(timeout_s) from exc
         raise
-
-
-def default_model(engine: Engine, task: Task) -> str:
-    """A gateway request without `model`: the registry's default model of the task."""
-    entry = engine.registry.default_for(task)
-    if entry is None:
-        raise ModelNotFoundError(f"No default {task} model is configured; name one in `model`.",
-                                 param="model")
-    return entry.id

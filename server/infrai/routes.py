@@ -5,29 +5,27 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from engine import chat_jobs, vision
-from engine.audio import MEDIA_TYPES, AudioEncoder
+from engine.audio import MEDIA_TYPES
 from engine.cache import CachePolicy
 from engine.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from engine.fetch import AUDIO, decode_data_uri, fetch_media
 from engine.service import Engine
-from engine.speech import list_voices
+from engine.speech import encoded_speech, list_voices
 from engine.types import (
     ChoiceFinished,
     EmbeddingRequest,
     ImageRequest,
-    SpeechChunk,
     SpeechRequest,
     TextDelta,
     TranscriptionRequest,
 )
-from server.deps import EngineDep, require_api_key
-from server.gateway import deadline, default_model, file_url, renamed_params, within
+from server.deps import EngineDep, file_url, require_api_key
+from server.gateway import deadline, renamed_params, within
 from server.infrai import translate
 from server.infrai.errors import NotImplementedYetError, infrai_envelope
 from server.infrai.schemas import (
@@ -167,7 +165,7 @@ async def chat_job(job_id: str, engine: EngineDep) -> Any:
 @router.post("/embed")
 async def embed(body: EmbedIn, engine: EngineDep) -> Any:
     translate.check_vendor(body)
-    model = body.model or default_model(engine, "embedding")
+    model = engine.registry.model_or_default(body.model, "embedding")
     texts = [body.input] if isinstance(body.input, str) else body.input
     job = EmbeddingRequest(model=model, texts=texts, dimensions=body.dimensions)
 
@@ -211,7 +209,7 @@ def _vision_model(engine: Engine) -> str:
     try:
         return engine.router.pick("vision")
     except ModelNotFoundError:
-        return default_model(engine, "chat")
+        return engine.registry.model_or_default(None, "chat")
 
 
 @router.post("/vision")
@@ -232,27 +230,16 @@ def _default_voice(engine: Engine, model: str) -> str:
     return voices[0] if voices else "alloy"
 
 
-async def _encoded(chunks: AsyncIterator[SpeechChunk], fmt: str) -> bytes:
-    encoder: AudioEncoder | None = None
-    parts: list[bytes] = []
-    async with aclosing(chunks):  # type: ignore[type-var]
-        async for chunk in chunks:
-            encoder = encoder or AudioEncoder(fmt, chunk.sample_rate)
-            parts.append(await asyncio.to_thread(encoder.encode, chunk.samples))
-    if encoder is not None:
-        parts.append(await asyncio.to_thread(encoder.finish))
-    return b"".join(parts)
-
-
 @router.post("/tts")
 async def tts(body: TtsIn, request: Request, engine: EngineDep) -> Any:
     """The whole clip is synthesized, stored as a file, and its URL returned."""
     translate.check_vendor(body)
-    model = body.model or default_model(engine, "tts")
+    model = engine.registry.model_or_default(body.model, "tts")
     voice = body.voice or _default_voice(engine, model)
     fmt = TTS_FORMATS[body.format]
     with renamed_params({"response_format": "format"}):
-        data = await _encoded(engine.speak(SpeechRequest(model, body.input, voice)), fmt)
+        speech = engine.speak(SpeechRequest(model, body.input, voice))
+        data = b"".join([part async for part in encoded_speech(speech, fmt)])
     artifact = await asyncio.to_thread(engine.artifacts.put, data, MEDIA_TYPES[fmt], body.format)
     meta = translate.metadata(translate.new_request_id(), engine.registry.resolve(model).id)
     return JSON({"audio_url": file_url(request, engine, artifact.id), "format": body.format,
@@ -278,7 +265,7 @@ async def _audio_bytes(ref: MediaRef, engine: Engine) -> bytes:
 @router.post("/asr")
 async def asr(body: AsrIn, engine: EngineDep) -> Any:
     translate.check_vendor(body)
-    model = body.model or default_model(engine, "stt")
+    model = engine.registry.model_or_default(body.model, "stt")
     audio = await _audio_bytes(body.audio, engine)
     with renamed_params({"file": "audio"}):
         result = await engine.transcribe(

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import Field
 
-from engine.errors import ConflictError, ModelNotFoundError
+from engine.errors import ConflictError
 from engine.jobs import Job
-from engine.registry import Registry, Task
-from server.deps import EngineDep, require_api_key
+from engine.registry import Task
+from server.deps import EngineDep, public_base_url, require_api_key
 from server.openai.schemas import WireModel
 from server.responses import JSON
 
@@ -43,7 +43,7 @@ class MusicGenerationIn(WireModel):
 def job_json(job: Job, base_url: str) -> dict[str, Any]:
     result = None
     if job.result:
-        result = {**job.result, "url": base_url.rstrip("/") + job.result["url"]}
+        result = {**job.result, "url": base_url + job.result["url"]}
     return {
         "object": "generation.job", "job_id": job.id, "id": job.id, "kind": job.kind,
         "model": job.model, "provider": "ember", "status": job.status,
@@ -57,16 +57,6 @@ def job_json(job: Job, base_url: str) -> dict[str, Any]:
     }
 
 
-def _model(registry: Registry, name: str | None, task: Task) -> str:
-    if name:
-        return name
-    default = registry.default_for(task)
-    if default is None:
-        raise ModelNotFoundError(f"No default {task} model is configured; name one in `model`.",
-                                 param="model")
-    return default.id
-
-
 def _params(body: WireModel) -> dict[str, Any]:
     """The declared fields that were set (unknown fields are ignored, not passed on)."""
     declared = type(body).model_fields
@@ -74,15 +64,12 @@ def _params(body: WireModel) -> dict[str, Any]:
             if name != "model" and getattr(body, name) is not None}
 
 
-def _base_url(request: Request, engine: Any) -> str:
-    return engine.settings.public_url or str(request.base_url)
-
-
 async def _submit(task: Task, body: VideoGenerationIn | MusicGenerationIn, request: Request,
                   engine: Any, idempotency_key: str | None) -> Any:
-    model = _model(engine.registry, body.model, task)
+    model = engine.registry.model_or_default(body.model, task)
     job, created = await engine.jobs.submit(task, model, _params(body), idempotency_key)
-    return JSON(job_json(job, _base_url(request, engine)), status_code=202 if created else 200)
+    status = 202 if created else 200
+    return JSON(job_json(job, public_base_url(request, engine)), status_code=status)
 
 
 @router.post("/video/generations")
@@ -107,7 +94,7 @@ async def list_generations(
     limit: int = Query(20), after: str | None = None,
 ) -> Any:
     jobs, has_more = await engine.jobs.page(status, limit, after)
-    base = _base_url(request, engine)
+    base = public_base_url(request, engine)
     data = [job_json(job, base) for job in jobs]
     return {"object": "list", "data": data, "has_more": has_more,
             "first_id": data[0]["id"] if data else None,
@@ -116,17 +103,17 @@ async def list_generations(
 
 @router.get("/generations/{job_id}")
 async def get_generation(job_id: str, request: Request, engine: EngineDep) -> Any:
-    return job_json(await engine.jobs.get(job_id), _base_url(request, engine))
+    return job_json(await engine.jobs.get(job_id), public_base_url(request, engine))
 
 
 @router.post("/generations/{job_id}/cancel")
 async def cancel_generation(job_id: str, request: Request, engine: EngineDep) -> Any:
-    return job_json(await engine.jobs.cancel(job_id), _base_url(request, engine))
+    return job_json(await engine.jobs.cancel(job_id), public_base_url(request, engine))
 
 
 @router.delete("/generations/{job_id}")
 async def delete_generation(job_id: str, request: Request, engine: EngineDep) -> Any:
-    return job_json(await engine.jobs.cancel(job_id), _base_url(request, engine))
+    return job_json(await engine.jobs.cancel(job_id), public_base_url(request, engine))
 
 
 @router.get("/generations/{job_id}/content")

@@ -12,10 +12,11 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import Field
 
-from engine.artifacts import ArtifactStore
-from engine.errors import InvalidRequestError, ModelNotFoundError
+from engine.errors import InvalidRequestError
 from engine.registry import Registry
+from engine.service import Engine
 from engine.types import ImageMode, ImageRequest, ImageResult
+from server.deps import file_url
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
 
@@ -64,25 +65,15 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _model(registry: Registry, name: str | None) -> str:
-    """OpenAI makes `model` optional for images: the default image model serves it."""
-    if name:
-        return name
-    default = registry.default_for("image")
-    if default is None:
-        raise ModelNotFoundError("No default image model is configured; name one in `model`.",
-                                 param="model")
-    return default.id
-
-
 def image_request(
     body: ImageFields, registry: Registry, mode: ImageMode, prompt: str = "",
     image: bytes | None = None, mask: bytes | None = None,
 ) -> ImageRequest:
     width, height = parse_size(body.size)
     return ImageRequest(
-        model=_model(registry, body.model), prompt=prompt, mode=mode, n=body.n, width=width,
-        height=height, steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+        model=registry.model_or_default(body.model, "image"), prompt=prompt, mode=mode,
+        n=body.n, width=width, height=height, steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
         negative_prompt=body.negative_prompt, seed=body.seed, quality=body.quality,
         strength=body.strength, image=image, mask=mask, output_format=body.output_format,
     )
@@ -106,7 +97,7 @@ async def read_edit_form(
 
 
 async def images_response(
-    result: ImageResult, body: ImageFields, store: ArtifactStore, base_url: str
+    result: ImageResult, body: ImageFields, request: Request, engine: Engine
 ) -> dict[str, Any]:
     data = []
     for image in result.images:
@@ -115,8 +106,8 @@ async def images_response(
             item["b64_json"] = base64.b64encode(image.data).decode()
         else:
             artifact = await asyncio.to_thread(
-                store.put, image.data, image.media_type, image.suffix
+                engine.artifacts.put, image.data, image.media_type, image.suffix
             )
-            item["url"] = f"{base_url.rstrip('/')}/v1/files/{artifact.id}/content"
+            item["url"] = file_url(request, engine, artifact.id)
         data.append(item)
     return {"created": int(time.time()), "data": data, "output_format": body.output_format}

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -22,7 +21,6 @@ from server.openai.schemas import WireModel
 from server.openai.translate import new_id
 from server.responses import JSON
 
-log = logging.getLogger("ember.http")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
@@ -37,11 +35,6 @@ class RerankRequestIn(WireModel):
 class ModerationRequestIn(WireModel):
     model: str | None = Field(None, min_length=1)
     input: str | list[str] | list[dict[str, Any]]
-
-
-def _note_unknown(body: WireModel, request: Request) -> None:
-    if unknown := body.unknown_fields():
-        log.debug("%s: ignoring unknown fields %s", request.url.path, unknown)
 
 
 # -- translation ---------------------------------------------------------------------------------
@@ -115,7 +108,7 @@ def moderation_json(result: ModerationResult) -> dict[str, Any]:
 
 @router.post("/rerank")
 async def rerank(body: RerankRequestIn, request: Request, engine: EngineDep) -> Any:
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     documents = document_texts(body.documents)
     result = await engine.rerank(RerankRequest(
         model=body.model, query=body.query, documents=documents, top_n=body.top_n))
@@ -124,7 +117,7 @@ async def rerank(body: RerankRequestIn, request: Request, engine: EngineDep) -> 
 
 @router.post("/moderations")
 async def moderations(body: ModerationRequestIn, request: Request, engine: EngineDep) -> Any:
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     result = await engine.moderate(
         ModerationRequest(model=body.model, texts=moderation_texts(body.input)))
     return JSON(moderation_json(result))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -14,14 +12,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
-from engine.audio import MEDIA_TYPES, AudioEncoder
+from engine.audio import MEDIA_TYPES
 from engine.manager import ModelStatus
 from engine.service import Engine
-from engine.speech import list_voices
+from engine.speech import encoded_speech, list_voices
 from engine.types import (
     ChoiceFinished,
     GenerationEvent,
-    SpeechChunk,
     TextDelta,
     TranscriptionInfo,
     TranscriptSegment,
@@ -35,25 +32,18 @@ from server.openai.schemas import (
     CompletionRequest,
     EmbeddingRequestIn,
     LoadRequest,
-    WireModel,
 )
 from server.responses import JSON
 from server.streaming import prime, sse_response
 
-log = logging.getLogger("ember.http")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-
-
-def _note_unknown(body: WireModel, request: Request) -> None:
-    if unknown := body.unknown_fields():
-        log.debug("%s: ignoring unknown fields %s", request.url.path, unknown)
 
 
 @router.post("/chat/completions")
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, engine: EngineDep
 ) -> Any:
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     gen = translate.chat_request(body)
     if not body.stream:
         result = await engine.generate(gen)
@@ -91,7 +81,7 @@ async def _chat_frames(
 async def completions(
     body: CompletionRequest, request: Request, engine: EngineDep
 ) -> Any:
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     gens = translate.completion_requests(body)
     request_id = gens[0].request_id
     if not body.stream:
@@ -132,7 +122,7 @@ async def _completion_frames(
 async def embeddings(
     body: EmbeddingRequestIn, request: Request, engine: EngineDep
 ) -> Any:
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     result = await engine.embed(translate.embedding_request(body))
     return JSON(translate.embedding_response(body.model, result, body.encoding_format))
 
@@ -154,7 +144,7 @@ async def _transcript(
     request: Request, engine: Engine, task: Literal["transcribe", "translate"]
 ) -> Any:
     body, job = await audio.read_transcription_form(request, task)
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     if body.stream:
         events = await prime(engine.transcribe_stream(job))
         return sse_response(_transcript_frames(events), openai_envelope)
@@ -179,25 +169,12 @@ async def _transcript_frames(
 
 @router.post("/audio/speech")
 async def speech(body: audio.SpeechRequestIn, request: Request, engine: EngineDep) -> Any:
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     chunks = await prime(engine.speak(audio.speech_request(body)))
-    encoded = _encoded_audio(chunks, body.response_format)
+    encoded = encoded_speech(chunks, body.response_format)
     if body.stream_format == "sse":
         return sse_response(_speech_events(encoded), openai_envelope)
     return StreamingResponse(encoded, media_type=MEDIA_TYPES[body.response_format])
-
-
-async def _encoded_audio(chunks: AsyncIterator[SpeechChunk], fmt: str) -> AsyncIterator[bytes]:
-    """Each sentence's audio encoded as it arrives (on a worker thread: an encoder call costs
-    milliseconds), so the first bytes leave before the last sentence is synthesized."""
-    encoder: AudioEncoder | None = None
-    async with aclosing(chunks):  # type: ignore[type-var]
-        async for chunk in chunks:
-            encoder = encoder or AudioEncoder(fmt, chunk.sample_rate)
-            if data := await asyncio.to_thread(encoder.encode, chunk.samples):
-                yield data
-    if encoder is not None and (data := await asyncio.to_thread(encoder.finish)):
-        yield data
 
 
 async def _speech_events(encoded: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
@@ -216,19 +193,15 @@ async def voices(engine: EngineDep) -> Any:
 # -- images ------------------------------------------------------------------------------------
 
 
-def _base_url(request: Request, engine: Engine) -> str:
-    return engine.settings.public_url or str(request.base_url)
-
-
 @router.post("/images/generations")
 async def image_generations(
     body: images.ImageGenerationIn, request: Request, engine: EngineDep
 ) -> Any:
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     job = images.image_request(body, engine.registry, "generate", body.prompt)
     result = await engine.generate_images(job)
     return JSON(await images.images_response(
-        result, body, engine.artifacts, _base_url(request, engine)))
+        result, body, request, engine))
 
 
 @router.post("/images/edits")
@@ -245,10 +218,10 @@ async def _image_from_image(
     request: Request, engine: Engine, mode: Literal["edit", "variation"]
 ) -> Any:
     body, job = await images.read_edit_form(request, engine.registry, mode)
-    _note_unknown(body, request)
+    body.note_unknown(request.url.path)
     result = await engine.generate_images(job)
     return JSON(await images.images_response(
-        result, body, engine.artifacts, _base_url(request, engine)))
+        result, body, request, engine))
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@ ignored (clients add new ones all the time); only a known field with a bad value
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+log = logging.getLogger("ember.http")
 
 
 class WireModel(BaseModel):
@@ -13,6 +16,11 @@ class WireModel(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def note_unknown(self, path: str) -> None:
+        """Unknown fields are accepted and ignored; a debug line says which."""
+        if unknown := self.unknown_fields():
+            log.debug("%s: ignoring unknown fields %s", path, unknown)
 
 
 class ChatMessageIn(WireModel):

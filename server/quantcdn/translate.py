@@ -10,9 +10,10 @@ import uuid
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from engine.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.images import decode_image
 from engine.types import (
     ChatMessage,
     GenerationRequest,
@@ -183,12 +184,7 @@ def b64_bytes(value: str | None, param: str) -> bytes:
 def black_mask_to_alpha(data: bytes) -> bytes:
     """Nova masks are black where to repaint and white where to keep; ember's (OpenAI's)
     are transparent where to repaint. Blocking: run it off the event loop."""
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            gray = opened.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidRequestError(f"maskImage is not an image: {exc}",
-                                  param="inPaintingParams.maskImage") from exc
+    gray = decode_image(data, "inPaintingParams.maskImage").convert("L")
     mask = Image.new("RGBA", gray.size, (0, 0, 0, 255))
     mask.putalpha(gray.point(lambda value: 0 if value < 128 else 255))
     buffer = io.BytesIO()
