@@ -33,7 +33,7 @@ from engine.errors import (
     NotFoundError,
     RequestCancelledError,
 )
-from engine.manager import ModelManager, run_in_fresh_thread
+from engine.manager import ModelManager, adapter_class, run_in_fresh_thread
 from engine.registry import ModelEntry, Task
 from engine.settings import Settings
 from engine.sources import resolve_source
@@ -311,7 +311,7 @@ class JobRunner:
                      idempotency_key: str | None = None) -> tuple[Job, bool]:
         entry = self.manager.registry.resolve(model, task)
         inline = self.inline.get(task)
-        validate = inline.validate if inline else _adapter_class(entry.adapter).validate
+        validate = inline.validate if inline else adapter_class(entry).validate
         normalized = validate(entry, params)
         resolve_source(entry)  # not installed: fail now with how to get it, not in the queue
         job, created = await asyncio.to_thread(
@@ -423,12 +423,9 @@ class JobRunner:
             self._wake.set()
 
     async def purge_expired(self) -> None:
-        for job in await asyncio.to_thread(self.store.purge_expired):
-            file_id = (job.result or {}).get("file_id")
-            if file_id:
-                with contextlib.suppress(EmberError):
-                    artifact = self.artifacts.get(file_id)
-                    artifact.path.unlink(missing_ok=True)
+        """Finished jobs past their TTL. Their files were stored with the same TTL, so the
+        artifact store's own purge removes them (they expire just before the job does)."""
+        await asyncio.to_thread(self.store.purge_expired)
 
 
 async def _until_cancelled(work: Awaitable[T], cancel: threading.Event) -> T:
@@ -445,14 +442,3 @@ async def _until_cancelled(work: Awaitable[T], cancel: threading.Event) -> T:
         return task.result()
     finally:
         task.cancel()
-
-
-def _adapter_class(path: str) -> Any:
-    import importlib
-
-    module_name, _, class_name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidRequestError(f"adapter {path!r} cannot be imported: {exc}") from exc
-

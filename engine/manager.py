@@ -52,16 +52,20 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
-def import_adapter(entry: ModelEntry, context: LoadContext) -> ModelAdapter:
-    """The default factory: import `module:Class` from the entry lazily."""
+def adapter_class(entry: ModelEntry) -> Any:
+    """The entry's adapter class, imported lazily from its `module:Class` path."""
     module_name, _, class_name = entry.adapter.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise ModelLoadError(
             f"adapter {entry.adapter!r} of {entry.id!r} cannot be imported: {exc}"
         ) from exc
-    adapter: ModelAdapter = cls(entry, context)
+
+
+def import_adapter(entry: ModelEntry, context: LoadContext) -> ModelAdapter:
+    """The default factory: an instance of the entry's adapter class."""
+    adapter: ModelAdapter = adapter_class(entry)(entry, context)
     return adapter
 
 

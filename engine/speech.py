@@ -73,7 +73,7 @@ async def transcribe_stream(
     language is used for the rest, so a whole file is in one language."""
     async with manager.lease(request.model, "stt") as slot:
         adapter, runner = slot.adapter, slot.runner
-        adapter.check(request)
+        # prepare checks the parameters first, then decodes (a bad one costs no decoding)
         prepared = await asyncio.to_thread(adapter.prepare, request, settings.max_audio_seconds)
         windows = prepared.windows
         language = request.language or ("en" if not adapter.multilingual else None)

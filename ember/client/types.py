@@ -5,7 +5,7 @@ those are kept where they are useful (marked "ember extension")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -73,11 +73,14 @@ class ChatCompletion:
         """The first choice's message content."""
         return self.choices[0].message.content if self.choices else ""
 
+    @staticmethod
+    def _message(choice: dict[str, Any]) -> ChatMessage:
+        return ChatMessage.from_json(choice.get("message") or {})
+
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ChatCompletion:
+    def from_json(cls, data: dict[str, Any]) -> Self:
         choices = [
-            ChatCompletionChoice(index=_int(c.get("index")),
-                                 message=ChatMessage.from_json(c.get("message") or {}),
+            ChatCompletionChoice(index=_int(c.get("index")), message=cls._message(c),
                                  finish_reason=c.get("finish_reason"))
             for c in data.get("choices") or []
         ]
@@ -87,32 +90,13 @@ class ChatCompletion:
 
 
 @dataclass
-class Completion:
+class Completion(ChatCompletion):
     """A text completion. As in the SDK it replaces, each choice carries its text as
     `message.content` (role "assistant"), so `Completion.content` reads like a chat reply."""
 
-    id: str
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: TokenUsage
-    created: int
-
-    @property
-    def content(self) -> str:
-        """The first choice's text."""
-        return self.choices[0].message.content if self.choices else ""
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Completion:
-        choices = [
-            ChatCompletionChoice(index=_int(c.get("index")),
-                                 message=ChatMessage(role="assistant", content=c.get("text") or ""),
-                                 finish_reason=c.get("finish_reason"))
-            for c in data.get("choices") or []
-        ]
-        return cls(id=data.get("id", ""), model=data.get("model", ""), choices=choices,
-                   usage=TokenUsage.from_json(data.get("usage")),
-                   created=_int(data.get("created")))
+    @staticmethod
+    def _message(choice: dict[str, Any]) -> ChatMessage:
+        return ChatMessage(role="assistant", content=choice.get("text") or "")
 
 
 @dataclass
