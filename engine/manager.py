@@ -212,7 +212,11 @@ class ModelManager:
             await self._make_room(slot, slot.memory_bytes)
             device = resolve_device(entry.device or self.settings.device)
             dtype = resolve_dtype(entry.dtype or self.settings.dtype, device)
-            context = LoadContext(device=device, dtype=dtype, models_dir=self.settings.models_dir)
+            context = LoadContext(
+                device=device, dtype=dtype, models_dir=self.settings.models_dir,
+                kv_cache_tokens=entry.limits.kv_cache_tokens or self.settings.kv_cache_tokens,
+                max_sequences=entry.limits.max_batch_size, threads=self.settings.llama_threads,
+            )
             log.info("loading %s (%s) on %s as %s ...", entry.id, entry.task, device, dtype)
             started = time.perf_counter()
             async with self._loading_lock:

@@ -31,6 +31,26 @@ class ModelLimits(BaseModel):
     kv_cache_tokens: int | None = Field(None, gt=0, description="defaults to kv_cache_tokens")
 
 
+class SamplingDefaults(BaseModel):
+    """A model's own sampling defaults (its model card's values); a field the request sets
+    always wins. Unset fields fall back to the checkpoint's generation_config.json, then to
+    OpenAI's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, gt=0)
+
+
+ChatBackendName = Literal["auto", "transformers", "llama.cpp"]
+
+
 class ModelEntry(BaseModel):
     """One servable model. `adapter` is an import path (`models.chat:TransformersChat`),
     imported only when the model is loaded."""
@@ -42,6 +62,10 @@ class ModelEntry(BaseModel):
     adapter: str
     source: str = Field(description="local dir | HF repo id | package:NAME[/subdir]")
     gguf_file: str | None = None
+    # Chat models: who runs them. `auto` = llama.cpp for a GGUF file when llama-cpp-python is
+    # installed and its build passes a decode check, else transformers.
+    backend: ChatBackendName = "auto"
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     join: dict[str, list[str]] = Field(
         default_factory=dict,
         description="file name -> parts (package:... paths) concatenated, in order, into it",

@@ -47,6 +47,7 @@ def make_runner(
             kv_cache_tokens=limits.kv_cache_tokens or settings.kv_cache_tokens,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             timeout_s=settings.request_timeout_s,
+            sampling_defaults=entry.sampling.model_dump(exclude_none=True),
         )
     return Batcher(
         entry.id, adapter.batch, compute, max_batch_size=limits.max_batch_size,

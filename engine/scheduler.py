@@ -1,83 +1,104 @@
-"""Iteration-level continuous batching for one chat model.
+"""The generation core: iteration-level continuous batching over any `ChatBackend`.
 
-Each step, run on the engine's shared compute thread: admit waiting requests while the batch
-has room (rows and a KV-token budget), prefill them (several short prompts in one forward; a
-long prompt in chunks across steps, so running streams keep flowing), let them join the
-running batch, then run one decode step for every row. Finished rows leave at once; a
-cancelled request (client gone) leaves at the next step. Each request streams its own events
-through its `emit` callback.
+It owns sequences and holds no tensors. Each step, on the engine's shared compute thread:
+admit waiting requests while the backend has room (sequences and KV tokens, reserved for a
+request's whole reply so a running sequence never runs out), drop cancelled ones, then hand
+the backend one plan: a chunk of each admitted prompt (up to `prefill_chunk_tokens` in all,
+so running streams keep flowing while a long prompt prefills) and the newest token of every
+running sequence. From the logits rows it gets back it samples each sequence's next token,
+detokenizes, finds stop strings and emits text; finished and cancelled sequences are released
+at once. A prompt's `n` choices share its prefill: the backend forks its cache.
 
-A prompt with images (vision models) is admitted alone and prefilled in one multimodal
-forward, never chunked and never batched with other prompts: the vision tower's features
-must land on the prompt's image tokens in a single pass. From then on its rows decode in the
-shared batch like text rows (with a per-row position offset on mRoPE models).
+A prompt with backend extras (images) is prefilled whole, in a backend call of its own: the
+vision tower's features must land on the prompt's image tokens in a single pass, and a prompt
+the model refuses fails alone.
 
-Locking: `_cond` (the compute thread's condition) guards the waiting queue and counters shared
-with submitters; the batch itself (cache, mask, rows) is touched only inside `step`, which
-only the compute thread runs.
+Failures: a backend step that raises fails the requests in that step; a sampling or
+detokenizing error fails only its own request. Nothing here can stop the compute thread.
+
+Locking: `_cond` (the compute thread's condition) guards the waiting queue and the reserved
+counters shared with submitters; everything else is touched only by the compute thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from transformers import DynamicCache
+import numpy as np
 
 from engine import metrics
+from engine.chat_backend import ChatBackend, DecodeToken, PrefillChunk, PromptInput, StepPlan
 from engine.compute import ComputeThread
-from engine.errors import DeadlineExceededError, OverloadedError
-from engine.types import GenerationEvent, SamplingParams, Usage
-from models.chat import PreparedPrompt, SequenceState, TransformersChat
-from models.chat_batching import KVBlock, concat_blocks, select_rows
+from engine.errors import (
+    ContextLengthExceededError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+)
+from engine.sampling import SamplerState, choose_tokens
+from engine.text_stream import IncrementalDetokenizer, StopStringMatcher
+from engine.types import (
+    ChoiceFinished,
+    FinishReason,
+    GenerationEvent,
+    Sampling,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
+class SequenceState:
+    """One choice being generated."""
+
+    seq_id: int
+    index: int
+    sampler: SamplerState
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    length: int  # tokens in the backend's KV cache
+    next_token: int = -1  # sampled, not yet in the cache
+    text: str = ""
+    emitted: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(eq=False)  # compared by identity
 class ChatJob:
-    prompt: PreparedPrompt
-    params: SamplingParams
+    """One request: its prompt, its settled sampling, and its `n` sequences once prefilled."""
+
+    prompt: PromptInput
+    sampling: Sampling
+    max_tokens: int
     emit: Callable[[GenerationEvent], None]
     cancelled: threading.Event
     deadline: float
+    reserved_kv: int
     future: Future[Usage] = field(default_factory=Future)
+    prefill_id: int = -1  # the sequence the prompt is prefilled under (choice 0's)
+    prefilled: int = 0
     sequences: list[SequenceState] = field(default_factory=list)
-    position_offset: int = 0  # set by a vision prefill; see TransformersChat.decode
-
-    @property
-    def has_images(self) -> bool:
-        return self.prompt.vision_inputs is not None
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt.ids), sum(s.completion_tokens for s in self.sequences))
 
 
-@dataclass
-class _Row:
-    job: ChatJob
-    seq: SequenceState
-    next_token: int
-
-
-@dataclass
-class _ChunkedPrefill:
-    job: ChatJob
-    cache: DynamicCache = field(default_factory=DynamicCache)
-    done: int = 0
-
-
 class ChatScheduler:
     def __init__(
         self,
-        adapter: TransformersChat,
+        backend: ChatBackend,
         name: str,
         compute: ComputeThread,
         *,
@@ -86,23 +107,28 @@ class ChatScheduler:
         kv_cache_tokens: int,
         prefill_chunk_tokens: int,
         timeout_s: float = 0,
+        sampling_defaults: Mapping[str, Any] | None = None,
     ):
-        self.adapter = adapter
+        self.backend = backend
         self.name = name
-        self.max_batch_size = max_batch_size
+        self.max_sequences = min(max_batch_size, backend.max_sequences)
+        self.kv_capacity = min(kv_cache_tokens, backend.kv_capacity)
         self.max_queue = max_queue
-        self.kv_cache_tokens = kv_cache_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.timeout_s = timeout_s
+        # The model's defaults: its registry `sampling:` block, then its generation_config.
+        self.sampling_defaults = [dict(sampling_defaults or {}), backend.generation_defaults()]
         self._waiting: deque[ChatJob] = deque()
         self._compute = compute
         self._cond = compute.cond
-        self._running_jobs = 0  # admitted and not finished; read by submitters under _cond
+        # Under _cond: what admitted jobs hold, read by submitters.
+        self._admitted_jobs = 0
+        self._reserved_sequences = 0
+        self._reserved_kv = 0
         # Compute-thread state:
-        self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
-        self._chunked: _ChunkedPrefill | None = None
+        self._prefilling: list[ChatJob] = []
+        self._running: list[tuple[ChatJob, SequenceState]] = []
+        self._ids = itertools.count()
         self.steps = 0
         compute.add(self)
 
@@ -111,25 +137,34 @@ class ChatScheduler:
     @property
     def pending(self) -> int:
         """Requests waiting or running."""
-        return len(self._waiting) + self._running_jobs
+        return len(self._waiting) + self._admitted_jobs
 
     @property
     def active_sequences(self) -> int:
-        return len(self._rows)
+        return len(self._running)
 
     @property
     def load_fraction(self) -> float:
         return len(self._waiting) / self.max_queue
 
+    def settle(self, params: SamplingParams) -> Sampling:
+        """The request's sampling with the model's defaults filled in."""
+        return params.resolved(*self.sampling_defaults)
+
     def submit(
         self,
-        prompt: PreparedPrompt,
+        prompt: PromptInput,
         params: SamplingParams,
         emit: Callable[[GenerationEvent], None],
         cancelled: threading.Event,
+        param: str = "messages",
     ) -> Future[Usage]:
+        """Queue a request. Raises a 400-class error if it cannot fit the model (nothing is
+        truncated silently) and OverloadedError (429) when the queue is full."""
+        sampling = self.settle(params)
+        max_tokens, reserved = self._fit(prompt, sampling, explicit=params.max_tokens, param=param)
         deadline = time.monotonic() + self.timeout_s if self.timeout_s else float("inf")
-        job = ChatJob(prompt, params, emit, cancelled, deadline)
+        job = ChatJob(prompt, sampling, max_tokens, emit, cancelled, deadline, reserved)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise OverloadedError(
@@ -141,6 +176,44 @@ class ChatScheduler:
             self._cond.notify()
         return job.future
 
+    def _fit(
+        self, prompt: PromptInput, sampling: Sampling, *, explicit: int | None, param: str
+    ) -> tuple[int, int]:
+        """(max_tokens, KV tokens to reserve) for a request, or a 400 stating the numbers."""
+        if not prompt.ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        context = self.backend.context_length
+        prompt_len, n = len(prompt.ids), sampling.n
+        room = context - prompt_len
+        asked = sampling.max_tokens
+        if room <= 0 or (explicit is not None and explicit > room):
+            wanted = f"{prompt_len} in the prompt" + (f" + {asked} to generate" if explicit else "")
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {context} tokens; the request needs "
+                f"{wanted} = {prompt_len + (explicit or 0)} tokens. Shorten the prompt or "
+                "lower max_tokens.",
+                param=param if room <= 0 else "max_tokens",
+            )
+        max_tokens = min(asked, room) if asked is not None else room
+        # n choices reserve their whole replies; a default max_tokens shrinks to fit, one the
+        # caller set is refused with the numbers rather than cut.
+        fits = self.kv_capacity // n - prompt_len
+        if max_tokens > fits:
+            if explicit is not None or fits < 1:
+                raise ContextLengthExceededError(
+                    f"{n} choice(s) of {prompt_len} prompt + {max_tokens} completion tokens "
+                    f"need {n * (prompt_len + max_tokens)} KV-cache tokens; {self.name!r} "
+                    f"holds {self.kv_capacity}. Lower n or max_tokens.",
+                    param="max_tokens" if explicit is not None else param,
+                )
+            max_tokens = fits
+        if n > self.backend.max_sequences:  # the backend's hard limit (the batch size is not)
+            raise InvalidRequestError(
+                f"n must be at most {self.backend.max_sequences} for {self.name!r}; got {n}",
+                param="n",
+            )
+        return max_tokens, n * (prompt_len + max_tokens)
+
     def shutdown(self) -> None:
         """Leave the compute thread; anything still queued fails (the manager unloads a
         model only when no request holds it, so normally nothing is)."""
@@ -150,58 +223,56 @@ class ChatScheduler:
         gone = RuntimeError(f"{self.name!r} was unloaded")
         for job in waiting:
             job.future.set_exception(gone)
-        self._fail_everything(gone, [])
+        self._fail(self._jobs_in_flight(), gone)
 
     # -- the compute thread ------------------------------------------------------------------
 
     def ready_in(self, now: float) -> float | None:
-        return 0 if (self._waiting or self._rows or self._chunked) else None
+        return 0 if (self._waiting or self._running or self._prefilling) else None
 
     def step(self) -> None:
-        with self._cond:
-            admitted = self._admit()
         try:
-            self._drop_cancelled()
-            self._prefill(admitted)
-            if self._rows:
-                self._decode_step()
-        except Exception as exc:  # a broken step fails its requests, never the server
-            log.exception("%s: decode step failed", self.name)
-            self._fail_everything(exc, admitted)
+            self._step()
+        except Exception as exc:  # a bug here must not leave requests waiting forever
+            log.exception("%s: scheduler step failed", self.name)
+            self._fail(self._jobs_in_flight(), exc)
 
-    def _admit(self) -> list[ChatJob]:
-        """Under `_cond`: take waiting jobs while rows, KV budget and the prefill chunk allow."""
-        admitted: list[ChatJob] = []
+    def _step(self) -> None:
+        with self._cond:
+            self._admit()
+        self._drop_cancelled()
+        for plan in self._plans():
+            try:
+                logits = self.backend.execute(plan)
+            except Exception as exc:  # a broken step fails its requests, never the server
+                log.exception("%s: step failed", self.name)
+                self._fail(self._jobs_in(plan), exc)
+                continue
+            self.steps += 1
+            if plan.decode:
+                metrics.BATCH_SIZE.labels(self.name).observe(len(plan.decode))
+            self._take_logits(plan, logits)
+
+    def _admit(self) -> None:
+        """Under `_cond`: take waiting jobs, in order, while sequences and KV allow."""
         now = time.monotonic()
-        rows = len(self._rows)
-        length = 0 if self._mask is None else int(self._mask.shape[1])
-        prefill_tokens = 0
-        while self._waiting and self._chunked is None:
+        while self._waiting:
             job = self._waiting[0]
             if job.cancelled.is_set() or now > job.deadline:
                 self._waiting.popleft()
                 self._finish_unstarted(job, now)
                 continue
-            n, prompt_len = job.params.n, len(job.prompt.ids)
-            new_length = max(length, prompt_len)
-            fits_rows = rows + n <= self.max_batch_size
-            fits_kv = (rows + n) * new_length <= self.kv_cache_tokens
-            # The first admitted prompt may be long (it is then prefilled alone, in chunks);
-            # later ones join its prefill only while the total stays within one chunk.
-            fits_chunk = not admitted or prefill_tokens + prompt_len <= self.prefill_chunk_tokens
-            # A job that would run alone always goes, whatever its size: else it waits forever.
-            alone = rows == 0 and not admitted
-            if not alone and not (fits_rows and fits_kv and fits_chunk):
-                break
-            if job.has_images and admitted:  # an image prompt is prefilled alone
-                break
+            n = job.sampling.n
+            fits = (self._reserved_sequences + n <= self.max_sequences
+                    and self._reserved_kv + job.reserved_kv <= self.kv_capacity)
+            if not fits and self._admitted_jobs:  # a job that would run alone always goes
+                return
             self._waiting.popleft()
-            admitted.append(job)
-            self._running_jobs += 1
-            rows, length, prefill_tokens = rows + n, new_length, prefill_tokens + prompt_len
-            if job.has_images:
-                break
-        return admitted
+            self._admitted_jobs += 1
+            self._reserved_sequences += n
+            self._reserved_kv += job.reserved_kv
+            job.prefill_id = next(self._ids)
+            self._prefilling.append(job)
 
     def _finish_unstarted(self, job: ChatJob, now: float) -> None:
         if job.cancelled.is_set():
@@ -212,121 +283,174 @@ class ChatScheduler:
                 f"{self.name!r}: the request waited {waited:.1f}s in the queue, past its "
                 f"{self.timeout_s:.0f}s deadline"))
 
-    def _prefill(self, admitted: list[ChatJob]) -> None:
-        if admitted and admitted[0].has_images:  # _admit admits an image prompt only alone
-            job = admitted[0]
-            try:
-                block, logits, job.position_offset = self.adapter.prefill_vision(job.prompt)
-            except Exception as exc:  # model-specific image handling: fail this job only
-                log.exception("%s: prefill of a prompt with images failed", self.name)
-                self._complete(job, exc)
-                return
-            job.prompt.vision_inputs = {}  # the pixels are in the KV cache now; free them
-            self._start_jobs([job], block, logits)
-            return
-        chunk = self.prefill_chunk_tokens
-        short = [job for job in admitted if len(job.prompt.ids) <= chunk]
-        long = [job for job in admitted if len(job.prompt.ids) > chunk]
-        if long:  # _admit admits a long prompt only alone
-            self._chunked = _ChunkedPrefill(long[0])
-        if short:
-            block, logits = self.adapter.prefill([job.prompt.ids for job in short])
-            self._start_jobs(short, block, logits)
-        if self._chunked is not None:
-            self._prefill_next_chunk(self._chunked)
+    def _plans(self) -> list[StepPlan]:
+        """This step's work: every running sequence's next token and prompt chunks within
+        the chunk budget; a prompt with extras goes whole in a plan of its own, after the
+        others, so that if it fails it fails alone."""
+        plan = StepPlan(decode=[DecodeToken(seq.seq_id, seq.next_token, seq.length)
+                                for _, seq in self._running])
+        plans = [plan]
+        budget = self.prefill_chunk_tokens
+        for job in self._prefilling:
+            ids = job.prompt.ids
+            if job.prompt.extras is not None:
+                if not plan.prefill:
+                    chunk = PrefillChunk(job.prefill_id, ids, 0, True, job.prompt.extras)
+                    plans.append(StepPlan(prefill=[chunk]))
+                break
+            take = min(len(ids) - job.prefilled, budget)
+            if take <= 0:
+                break
+            end = job.prefilled + take
+            plan.prefill.append(PrefillChunk(job.prefill_id, ids[job.prefilled:end],
+                                             job.prefilled, end == len(ids)))
+            budget -= take
+        return [p for p in plans if p]
 
-    def _prefill_next_chunk(self, work: _ChunkedPrefill) -> None:
-        ids = work.job.prompt.ids
-        end = min(len(ids), work.done + self.prefill_chunk_tokens)
-        logits = self.adapter.prefill_chunk(work.cache, ids[work.done:end])
-        work.done = end
-        if work.done < len(ids):
-            return
-        self._chunked = None
-        mask = torch.ones((1, len(ids)), dtype=torch.long, device=logits.device)
-        self._start_jobs([work.job], KVBlock.from_cache(work.cache, mask), logits)
+    def _take_logits(self, plan: StepPlan, logits: np.ndarray) -> None:
+        by_id = {seq.seq_id: (job, seq) for job, seq in self._running}
+        decoded = [by_id[d.seq_id] for d in plan.decode]
+        decode_rows = logits[len(logits) - len(plan.decode):]
+        for chunk in plan.prefill:
+            job = next(j for j in self._prefilling if j.prefill_id == chunk.seq_id)
+            job.prefilled = chunk.start + len(chunk.tokens)
+        rows = {seq_id: row for row, seq_id in enumerate(plan.logit_seq_ids())}
+        started = [job for job in self._prefilling if job.prefilled == len(job.prompt.ids)]
+        self._prefilling = [job for job in self._prefilling if job not in started]
+        for job in started:
+            job.prompt.extras = None  # in the KV cache now; free the pixels
+            self._guarded(job, self._start, job, logits[rows[job.prefill_id]])
+        if decoded:
+            self._advance_running(decoded, decode_rows)
 
-    def _start_jobs(self, jobs: list[ChatJob], block: KVBlock, logits: torch.Tensor) -> None:
-        """Sample each choice's first token from its prompt's logits; choices that go on join
-        the running batch."""
-        joining_rows: list[int] = []
-        for prompt_row, job in enumerate(jobs):
-            job.sequences = self.adapter.new_sequences(job.prompt, job.params)
-            row_logits = logits[prompt_row:prompt_row + 1].expand(len(job.sequences), -1)
-            tokens = self.adapter.choose_tokens(row_logits, job.sequences)
-            for seq, token in zip(job.sequences, tokens, strict=True):
-                self.adapter.advance(seq, token, job.emit)
-                if seq.finish_reason is None:
-                    self._rows.append(_Row(job, seq, token))
-                    joining_rows.append(prompt_row)
+    def _start(self, job: ChatJob, row: np.ndarray) -> None:
+        """A prompt is prefilled: fork it into its n choices, each sampling its first token."""
+        n = job.sampling.n
+        ids = [job.prefill_id] + [next(self._ids) for _ in range(n - 1)]
+        vocab = self.backend.vocab_size
+        job.sequences = [
+            SequenceState(
+                seq_id=seq_id, index=index,
+                sampler=SamplerState(job.sampling, vocab, job.prompt.ids, index),
+                detok=IncrementalDetokenizer(self.backend.detokenize),
+                stops=StopStringMatcher(job.sampling.stop), length=len(job.prompt.ids),
+            )
+            for index, seq_id in enumerate(ids)
+        ]
+        if n > 1:
+            self.backend.fork(job.prefill_id, ids[1:])
+        tokens = choose_tokens(np.broadcast_to(row, (n, len(row))),
+                               [seq.sampler for seq in job.sequences])
+        for seq in job.sequences:
+            self._running.append((job, seq))
+        for seq, token in zip(job.sequences, tokens, strict=True):
+            self._advance(job, seq, token)
+        self._finish_if_done(job)
+
+    def _advance_running(
+        self, decoded: list[tuple[ChatJob, SequenceState]], logits: np.ndarray
+    ) -> None:
+        """The sequences decoded this step take their next token."""
+        try:
+            tokens = choose_tokens(logits, [seq.sampler for _, seq in decoded])
+        except Exception:  # find the row that broke; the others go on
+            tokens = []
+            for row, (job, seq) in enumerate(decoded):
+                picked = self._guarded(job, choose_tokens, logits[row:row + 1], [seq.sampler])
+                tokens.append(picked[0] if picked else -1)
+        for (job, seq), token in zip(decoded, tokens, strict=True):
+            if token < 0 or job.future.done() or seq.finish_reason:
+                continue
+            seq.length += 1  # the token it decoded is in the cache now
+            self._guarded(job, self._advance, job, seq, token)
+        for job in {id(job): job for job, seq in decoded if seq.finish_reason}.values():
             self._finish_if_done(job)
-        if not joining_rows:
-            return
-        joining = select_rows(block, joining_rows)
-        if self._cache is None or self._mask is None:
-            merged = joining
+
+    def _advance(self, job: ChatJob, seq: SequenceState, token: int) -> None:
+        """Account one generated token: finished (eos, a stop string, max_tokens)? Emit the
+        text that is now final."""
+        seq.completion_tokens += 1
+        seq.sampler.record(token)
+        seq.next_token = token
+        if token in self.backend.eos_ids and not job.sampling.ignore_eos:
+            seq.finish_reason = "stop"
         else:
-            merged = concat_blocks(KVBlock.from_cache(self._cache, self._mask), joining)
-        self._cache, self._mask = merged.to_cache(), merged.mask
+            before = len(seq.text)
+            seq.text += seq.detok.add(token)
+            cut = seq.stops.find(seq.text, before)
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                seq.finish_reason = "stop"
+            elif seq.completion_tokens >= job.max_tokens:
+                seq.finish_reason = "length"
+        safe = len(seq.text) if seq.finish_reason else seq.stops.safe_length(seq.text)
+        if safe > seq.emitted:
+            job.emit(TextDelta(seq.index, seq.text[seq.emitted:safe]))
+            seq.emitted = safe
+        if seq.finish_reason:
+            job.emit(ChoiceFinished(seq.index, seq.finish_reason))
+            self._release(seq)
 
-    def _decode_step(self) -> None:
-        assert self._cache is not None and self._mask is not None
-        device = self._mask.device
-        tokens = torch.tensor([row.next_token for row in self._rows], device=device)
-        offsets = [row.job.position_offset for row in self._rows]
-        shift = torch.tensor(offsets, device=device) if any(offsets) else None
-        logits, self._mask = self.adapter.decode(self._cache, self._mask, tokens, shift)
-        self.steps += 1
-        metrics.BATCH_SIZE.labels(self.name).observe(len(self._rows))
-        chosen = self.adapter.choose_tokens(logits, [row.seq for row in self._rows])
-        for row, token in zip(self._rows, chosen, strict=True):
-            self.adapter.advance(row.seq, token, row.job.emit)
-            row.next_token = token
-        finished_jobs = {id(row.job): row.job for row in self._rows if row.seq.finish_reason}
-        self._keep_rows([i for i, row in enumerate(self._rows) if row.seq.finish_reason is None])
-        for job in finished_jobs.values():
-            self._finish_if_done(job)
+    def _guarded(self, job: ChatJob, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn for one job; if it raises, that job fails alone."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            log.exception("%s: a request failed while decoding", self.name)
+            self._fail([job], exc)
+            return None
+
+    def _release(self, seq: SequenceState) -> None:
+        self._running = [(j, s) for j, s in self._running if s is not seq]
+        self._release_id(seq.seq_id)
 
     def _drop_cancelled(self) -> None:
-        gone = {id(row.job): row.job for row in self._rows if row.job.cancelled.is_set()}
-        if self._chunked is not None and self._chunked.job.cancelled.is_set():
-            gone[id(self._chunked.job)] = self._chunked.job
-            self._chunked = None
-        if not gone:
-            return
-        self._keep_rows([i for i, row in enumerate(self._rows) if id(row.job) not in gone])
-        for job in gone.values():
+        gone = [job for job in self._jobs_in_flight() if job.cancelled.is_set()]
+        for job in gone:
             self._complete(job)
 
-    def _keep_rows(self, keep: list[int]) -> None:
-        if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[i] for i in keep]
-        if not keep or self._cache is None or self._mask is None:
-            self._cache, self._mask = None, None
-            return
-        block = select_rows(KVBlock.from_cache(self._cache, self._mask), keep)
-        self._cache, self._mask = block.to_cache(), block.mask
+    def _jobs_in_flight(self) -> list[ChatJob]:
+        jobs = {id(job): job for job in self._prefilling}
+        jobs.update({id(job): job for job, _ in self._running})
+        return list(jobs.values())
+
+    def _jobs_in(self, plan: StepPlan) -> list[ChatJob]:
+        ids = {c.seq_id for c in plan.prefill} | {d.seq_id for d in plan.decode}
+        jobs = {id(job): job for job in self._prefilling if job.prefill_id in ids}
+        jobs.update({id(job): job for job, seq in self._running if seq.seq_id in ids})
+        return list(jobs.values())
 
     def _finish_if_done(self, job: ChatJob) -> None:
-        if all(seq.finish_reason for seq in job.sequences):
+        if job.sequences and all(seq.finish_reason for seq in job.sequences):
             self._complete(job)
 
     def _complete(self, job: ChatJob, error: BaseException | None = None) -> None:
+        """Release whatever the job still holds in the backend, and settle its future."""
         if job.future.done():
             return
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        if not job.sequences:
+            self._release_id(job.prefill_id)
+        for seq in job.sequences:
+            if seq.finish_reason is None:
+                seq.finish_reason = "cancelled"
+                self._release(seq)
         with self._cond:
-            self._running_jobs -= 1
+            self._admitted_jobs -= 1
+            self._reserved_sequences -= job.sampling.n
+            self._reserved_kv -= job.reserved_kv
         if error is None:
             job.future.set_result(job.usage())
         else:
             job.future.set_exception(error)
 
-    def _fail_everything(self, error: BaseException, admitted: list[ChatJob]) -> None:
-        jobs: dict[int, Any] = {id(row.job): row.job for row in self._rows}
-        jobs.update({id(job): job for job in admitted})
-        if self._chunked is not None:
-            jobs[id(self._chunked.job)] = self._chunked.job
-        self._rows, self._cache, self._mask, self._chunked = [], None, None, None
-        for job in jobs.values():
+    def _release_id(self, seq_id: int) -> None:
+        try:
+            self.backend.release(seq_id)
+        except Exception:
+            log.exception("%s: releasing sequence %d failed", self.name, seq_id)
+
+    def _fail(self, jobs: list[ChatJob], error: BaseException) -> None:
+        for job in jobs:
             self._complete(job, error)

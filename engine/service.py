@@ -19,6 +19,7 @@ import torch
 from engine import chat_jobs, images, metrics, ranking, speech, vision
 from engine.artifacts import ArtifactStore
 from engine.cache import IdempotencyStore, ResponseCache
+from engine.chat_backend import ChatBackend, PromptInput
 from engine.errors import InvalidRequestError
 from engine.jobs import InlineKind, JobRunner
 from engine.limits import check_count
@@ -66,6 +67,22 @@ async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= INLINE_TOKENIZE_CHARS:
         return fn(*args)
     return await asyncio.to_thread(fn, *args)
+
+
+def prompt_input(backend: ChatBackend, request: GenerationRequest) -> PromptInput:
+    """A request's prompt, rendered and tokenized by the model's backend."""
+    if request.messages is not None:
+        return backend.render_chat(request.messages)
+    if isinstance(request.prompt, str):
+        return PromptInput(backend.tokenize(request.prompt), request.prompt)
+    ids = list(request.prompt or [])
+    bad = [t for t in ids if not 0 <= t < backend.vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"prompt token id {bad[0]} is outside the vocabulary (0..{backend.vocab_size - 1})",
+            param="prompt",
+        )
+    return PromptInput(ids, backend.detokenize(ids))
 
 
 def request_chars(request: GenerationRequest) -> int:
@@ -153,6 +170,7 @@ class Engine:
     # -- chat and completions ----------------------------------------------------------------
 
     def _check_generation(self, request: GenerationRequest) -> None:
+        """Checks that need no model, before any work (a huge `n` must never be worked on)."""
         if request.params.n > self.settings.max_n:
             raise InvalidRequestError(
                 f"n must be at most {self.settings.max_n}; got {request.params.n}", param="n"
@@ -171,12 +189,12 @@ class Engine:
         if has_images:
             await vision.load_images(request, self.settings)
         async with self.manager.lease(entry.id) as slot:
-            adapter, runner = slot.adapter, slot.runner
+            backend, runner = slot.adapter, slot.runner
             if has_images:  # image preprocessing takes milliseconds or more
-                prepared = await asyncio.to_thread(adapter.prepare, request)
+                prompt = await asyncio.to_thread(prompt_input, backend, request)
             else:
-                prepared = await off_loop_if_large(request_chars(request), adapter.prepare,
-                                                   request)
+                prompt = await off_loop_if_large(request_chars(request), prompt_input, backend,
+                                                 request)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Any] = asyncio.Queue()
             cancelled = threading.Event()
@@ -184,12 +202,13 @@ class Engine:
             def emit(event: GenerationEvent) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-            future = runner.submit(prepared, request.params, emit, cancelled)
+            param = "messages" if request.messages is not None else "prompt"
+            future = runner.submit(prompt, request.params, emit, cancelled, param)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _DONE))
             try:
                 if request.echo:
                     for index in range(request.params.n):
-                        yield TextDelta(index, prepared.text)
+                        yield TextDelta(index, prompt.text)
                 while (event := await queue.get()) is not _DONE:
                     yield event
                 usage: Usage = future.result()
@@ -203,6 +222,7 @@ class Engine:
                     await asyncio.shield(asyncio.wrap_future(future))
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self._check_generation(request)
         choices = [Choice(index=i) for i in range(request.params.n)]
         usage = Usage(0, 0)
         async for event in self.stream(request):

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "auto"
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch's default")
+    llama_threads: int = Field(
+        0, ge=0, description="llama.cpp threads per chat model; 0 = every core"
+    )
 
     idle_ttl_s: float = Field(0, ge=0, description="unload a model idle this long; 0 = never")
     memory_budget_mb: float = Field(0, ge=0, description="total model memory; 0 = unlimited")

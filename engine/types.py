@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,18 +33,69 @@ class ChatMessage:
         return [part for part in self.parts if isinstance(part, ImageInput)]
 
 
+# OpenAI's defaults, for whatever neither the request nor the model's defaults set.
+OPENAI_SAMPLING_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_tokens": None,
+}
+
+
 @dataclass
 class SamplingParams:
+    """What the caller asked for; None = not set, so the model's own defaults apply."""
+
     max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int = 1
+    ignore_eos: bool = False
+
+    def resolved(self, *defaults: Mapping[str, Any]) -> Sampling:
+        """The request's fields, each unset one from the first of `defaults` that has it
+        (the model's registry `sampling:`, its generation_config.json), then OpenAI's."""
+        values: dict[str, Any] = {}
+        for name, fallback in OPENAI_SAMPLING_DEFAULTS.items():
+            value = getattr(self, name)
+            if value is None:
+                value = next((d[name] for d in defaults if d.get(name) is not None), fallback)
+            values[name] = value
+        return Sampling(**values, seed=self.seed, stop=tuple(self.stop), n=self.n,
+                        ignore_eos=self.ignore_eos)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settled for one request: every field has its value."""
+
+    max_tokens: int | None = None  # None: the rest of the context
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
     n: int = 1
     ignore_eos: bool = False
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
+
+    @property
+    def greedy(self) -> bool:
+        """Plain argmax: no temperature and nothing that reshapes the logits."""
+        return self.temperature == 0 and not self.penalized
 
 
 @dataclass

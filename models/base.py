@@ -22,6 +22,11 @@ class LoadContext:
     device: str
     dtype: torch.dtype
     models_dir: Path
+    # Chat backends: KV tokens summed over every sequence, sequences at once, CPU threads
+    # (0 = every core). From the entry's limits and the settings.
+    kv_cache_tokens: int = 32768
+    max_sequences: int = 32
+    threads: int = 0
 
 
 def thread_safe_encoder(tokenizer: Any) -> Tokenizer:

@@ -1,6 +1,8 @@
-"""Chat and text completion on transformers causal LMs: tokenizing and limit checks, plus the
-batched prefill / decode / sampling primitives that engine.scheduler.ChatScheduler drives, so
-the engine owns batching, sampling, stop strings, streaming and cancellation."""
+"""Chat and text completion on transformers causal LMs: the `ChatBackend` (engine/
+chat_backend.py) behind engine.scheduler.ChatScheduler. It renders and tokenizes prompts and
+runs each step's prefill and decode forwards over one left-padded KV cache shared by every
+running sequence; the core owns everything else (sampling, stop strings, streaming, limits).
+Runs on CPU and CUDA."""
 
 from __future__ import annotations
 
@@ -9,37 +11,21 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from engine.errors import (
-    ContextLengthExceededError,
-    InvalidRequestError,
-    ModelLoadError,
-    UnsupportedFeatureError,
-)
+from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
+from engine.errors import ModelLoadError, UnsupportedFeatureError
 from engine.sources import file_fingerprint, resolve_source
-from engine.types import (
-    ChoiceFinished,
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    SamplingParams,
-    TextDelta,
-)
+from engine.types import ChatMessage
 from models.base import ModelAdapter, thread_safe_encoder
-from models.chat_batching import KVBlock, positions_from_mask
-from models.decoding import (
-    IncrementalDetokenizer,
-    StopStringMatcher,
-    apply_penalties,
-    sample_rows,
-)
+from models.chat_batching import KVBlock, concat_blocks, positions_from_mask, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +34,13 @@ _ROLE_FOR_TEMPLATE = {"developer": "system"}
 
 
 @dataclass
-class PreparedPrompt:
-    """A request after tokenization and limit checks, ready to decode."""
+class _Rows:
+    """The running batch: one left-padded KV cache whose row i is sequence ids[i]; offsets
+    shift a row's positions (prompts with images, on mRoPE models)."""
 
+    block: KVBlock
     ids: list[int]
-    text: str
-    max_tokens: int
-    # Processor outputs besides the ids (pixel values, image grid sizes, ...) of a prompt with
-    # images; such a prompt is prefilled alone by `prefill_vision` (models/vision.py).
-    vision_inputs: dict[str, Any] | None = None
-
-
-@dataclass
-class SequenceState:
-    """One choice being generated: its sampling state, text so far and what was streamed."""
-
-    index: int
-    params: SamplingParams
-    max_tokens: int
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher
-    generator: torch.Generator | None = None
-    counts: torch.Tensor | None = None  # tokens generated so far, for penalties
-    text: str = ""
-    emitted: int = 0
-    finish_reason: FinishReason | None = None
-    completion_tokens: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.params.temperature == 0 and self.counts is None
+    offsets: list[int]
 
 
 class TransformersChat(ModelAdapter):
@@ -109,7 +72,13 @@ class TransformersChat(ModelAdapter):
         )
         self.vocab_size = int(config.vocab_size)
         self._encoder = thread_safe_encoder(self.tokenizer)
-        self.eos_ids = self._eos_token_ids()
+        self.eos_ids = frozenset(self._eos_token_ids())
+        # A left-padded cache grows as needed: the KV budget and batch size are the engine's
+        # scheduling limits, not hard ones.
+        self.kv_capacity = self.context.kv_cache_tokens
+        self.max_sequences = 1 << 16
+        self._rows: _Rows | None = None
+        self._chunked: dict[int, DynamicCache] = {}  # prompts prefilling across steps
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -150,91 +119,85 @@ class TransformersChat(ModelAdapter):
         return target
 
     def warmup(self) -> None:
-        block, logits = self.prefill([self._encoder.encode("Hi").ids])
-        self.decode(block.to_cache(), block.mask, logits.argmax(dim=-1))
+        ids = self.tokenize("Hi")
+        self.execute(StepPlan(prefill=[PrefillChunk(-1, ids, 0, True)]))
+        self.release(-1)
 
-    # -- requests ----------------------------------------------------------------------------
+    def generation_defaults(self) -> dict[str, Any]:
+        """The sampling values the checkpoint's generation_config.json sets (when it asks to
+        sample at all: a `do_sample: false` config means greedy)."""
+        config = self.model.generation_config
+        if not getattr(config, "do_sample", False):
+            return {}
+        values = {
+            "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+            "min_p": config.min_p, "repetition_penalty": config.repetition_penalty,
+        }
+        explicit = config.to_diff_dict()  # only what the file sets, not library defaults
+        return {k: v for k, v in values.items() if k in explicit and v is not None}
 
-    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
-        """Tokenize and check limits. Raises a 400-class error for anything the caller got wrong."""
-        if request.messages is not None:
-            ids, text = self._chat_prompt(request)
-            param = "messages"
-        elif isinstance(request.prompt, str):
-            text = request.prompt
-            ids = self._encoder.encode(text, add_special_tokens=True).ids
-            param = "prompt"
-        else:
-            ids = list(request.prompt or [])
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token id {bad[0]} is outside the vocabulary "
-                    f"(0..{self.vocab_size - 1})",
-                    param="prompt",
-                )
-            text = self.tokenizer.decode(ids)
-            param = "prompt"
-        return self._checked(ids, text, request, param)
+    # -- prompts -----------------------------------------------------------------------------
 
-    def _checked(
-        self, ids: list[int], text: str, request: GenerationRequest, param: str
-    ) -> PreparedPrompt:
-        """The prompt, if it and max_tokens fit the context (nothing is truncated silently)."""
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param=param)
-        room = self.context_length - len(ids)
-        asked = request.params.max_tokens
-        if room <= 0 or (asked is not None and asked > room):
-            wanted = f"{len(ids)} in the prompt" + (f" + {asked} to generate" if asked else "")
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {self.context_length} tokens; the "
-                f"request needs {wanted} = {len(ids) + (asked or 0)} tokens. Shorten the "
-                "prompt or lower max_tokens.",
-                param=param if room <= 0 else "max_tokens",
-            )
-        return PreparedPrompt(ids=ids, text=text, max_tokens=asked if asked is not None else room)
-
-    def _chat_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
+    def render_chat(self, messages: Sequence[ChatMessage]) -> PromptInput:
         if not self.tokenizer.chat_template:
             raise UnsupportedFeatureError(
                 f"{self.entry.id!r} has no chat template; use /v1/completions with a prompt",
                 param="model",
             )
-        messages = [
-            {"role": _ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": m.content}
-            for m in request.messages or []
-        ]
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-        ids = self._encoder.encode(text, add_special_tokens=False).ids
-        return ids, text
+        turns = [{"role": _ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": m.content}
+                 for m in messages]
+        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True,
+                                                  tokenize=False)
+        return PromptInput(self._encoder.encode(text, add_special_tokens=False).ids, text)
 
-    # -- batched decoding primitives, driven by engine.scheduler.ChatScheduler ---------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._encoder.encode(text, add_special_tokens=True).ids)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    # -- the ChatBackend step, driven by engine.scheduler.ChatScheduler ----------------------
     # torch.no_grad, not inference_mode: transformers' caches mutate tensors in place.
 
-    def new_sequences(self, prompt: PreparedPrompt, params: SamplingParams) -> list[SequenceState]:
-        """The `n` choices of one request. Choice i samples from seed + i, so a seeded request
-        is reproducible and its choices still differ."""
-        sequences = []
-        for index in range(params.n):
-            generator = None
-            if params.seed is not None and params.temperature > 0:
-                generator = torch.Generator(device=self.context.device)
-                generator.manual_seed(params.seed + index)
-            counts = None
-            if params.presence_penalty or params.frequency_penalty:
-                counts = torch.zeros(self.vocab_size, device=self.context.device)
-            sequences.append(SequenceState(
-                index=index, params=params, max_tokens=prompt.max_tokens,
-                detok=IncrementalDetokenizer(self.tokenizer), stops=StopStringMatcher(params.stop),
-                generator=generator, counts=counts,
-            ))
-        return sequences
+    def live_sequences(self) -> set[int]:
+        running = set(self._rows.ids) if self._rows else set()
+        return running | set(self._chunked)
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]]) -> tuple[KVBlock, torch.Tensor]:
+    def execute(self, plan: StepPlan) -> np.ndarray:
+        """Prompts prefill (whole short ones in one left-padded forward, chunked ones on their
+        own cache), then one decode forward over the running rows; new rows join after it."""
+        logits: dict[int, torch.Tensor] = {}
+        joining: list[tuple[KVBlock, list[int], list[int]]] = []
+        whole = [c for c in plan.prefill if c.start == 0 and c.last and c.extras is None]
+        if whole:
+            block, rows = self._prefill([c.tokens for c in whole])
+            joining.append((block, [c.seq_id for c in whole], [0] * len(whole)))
+            logits.update({c.seq_id: rows[i] for i, c in enumerate(whole)})
+        for chunk in plan.prefill:
+            if chunk.extras is not None:
+                block, row, offset = self.prefill_vision(chunk.tokens, chunk.extras)
+                joining.append((block, [chunk.seq_id], [offset]))
+                logits[chunk.seq_id] = row
+            elif not (chunk.start == 0 and chunk.last):
+                cache = self._chunked.setdefault(chunk.seq_id, DynamicCache())
+                row = self._prefill_chunk(cache, chunk.tokens)
+                if chunk.last:
+                    del self._chunked[chunk.seq_id]
+                    mask = torch.ones((1, chunk.start + len(chunk.tokens)), dtype=torch.long,
+                                      device=row.device)
+                    joining.append((KVBlock.from_cache(cache, mask), [chunk.seq_id], [0]))
+                    logits[chunk.seq_id] = row
+        if plan.decode:
+            logits.update(self._decode(plan))
+        for block, ids, offsets in joining:
+            self._join(block, ids, offsets)
+        rows = [logits[seq_id] for seq_id in plan.logit_seq_ids()]
+        if not rows:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
+        return torch.stack(rows).float().cpu().numpy()
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[KVBlock, torch.Tensor]:
         """One forward over several prompts, left-padded to the longest. Returns their KV rows
         and the logits of each prompt's last token."""
         device = self.context.device
@@ -246,86 +209,66 @@ class TransformersChat(ModelAdapter):
             mask[row, width - len(prompt):] = 1
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return KVBlock.from_cache(cache, mask), out.logits[:, -1, :].float()
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        return KVBlock.from_cache(cache, mask), out.logits[:, -1, :]
 
-    def prefill_vision(self, prompt: PreparedPrompt) -> tuple[KVBlock, torch.Tensor, int]:
+    def prefill_vision(
+        self, ids: list[int], extras: dict[str, Any]
+    ) -> tuple[KVBlock, torch.Tensor, int]:
         """Prefill one prompt with images: models.vision.VisionChat. Text models get none."""
-        raise NotImplementedError(f"{self.entry.id!r} cannot see images")
+        raise UnsupportedFeatureError(f"{self.entry.id!r} cannot see images", param="messages")
 
-    @torch.no_grad()
-    def prefill_chunk(self, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
-        """Extend one prompt's cache by a chunk (long prompts prefill across scheduler steps,
-        so running streams keep flowing). Returns the chunk's last logits."""
+    def _prefill_chunk(self, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+        """Extend one prompt's own cache by a chunk; the chunk's last logits."""
         tokens = torch.tensor([ids], device=self.context.device)
-        out = self.model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float()
+        out = self.model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1, :]
 
-    @torch.no_grad()
-    def decode(
-        self, cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor,
-        offsets: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for every row of a left-padded batch. Returns (logits, the grown mask).
-        `offsets` shifts rows' positions (rows whose prompt had images, on mRoPE models)."""
+    def _decode(self, plan: StepPlan) -> dict[int, torch.Tensor]:
+        """One token for every running row (the core decodes every running sequence each
+        step); the logits by sequence."""
+        rows = self._rows
+        tokens_by_id = {d.seq_id: d.token for d in plan.decode}
+        if rows is None or set(tokens_by_id) != set(rows.ids):
+            raise RuntimeError("a decode step must cover exactly the running sequences")
+        device = rows.block.mask.device
+        tokens = torch.tensor([tokens_by_id[seq_id] for seq_id in rows.ids], device=device)
+        cache, mask = rows.block.to_cache(), rows.block.mask
         positions = mask.sum(dim=1, keepdim=True)  # each row's real length = its next position
-        if offsets is not None:
-            positions = positions + offsets[:, None]
+        if any(rows.offsets):
+            positions = positions + torch.tensor(rows.offsets, device=device)[:, None]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True)
-        return out.logits[:, -1, :].float(), mask
+                         cache=cache, use_cache=True)
+        rows.block = KVBlock.from_cache(cache, mask)
+        logits = out.logits[:, -1, :]
+        return {seq_id: logits[i] for i, seq_id in enumerate(rows.ids)}
 
-    def choose_tokens(self, logits: torch.Tensor, sequences: list[SequenceState]) -> list[int]:
-        """Next token per row: plain greedy rows in one argmax; rows with penalties or a
-        temperature from their own (penalized) logits, the sampled ones in one batched draw
-        with their own parameters and generators."""
-        chosen = logits.argmax(dim=-1).tolist()
-        special = [row for row, seq in enumerate(sequences) if not seq.greedy]
-        if not special:
-            return chosen
-        part = logits.index_select(0, torch.tensor(special, device=logits.device))
-        sampled: list[int] = []  # positions in `part`
-        for position, row in enumerate(special):
-            seq = sequences[row]
-            if seq.counts is not None:
-                apply_penalties(part[position:position + 1], seq.counts[None], seq.params)
-            if seq.params.temperature > 0:
-                sampled.append(position)
-            else:
-                chosen[row] = int(part[position].argmax())
-        if sampled:
-            rows = [special[position] for position in sampled]
-            picks = sample_rows(
-                part[sampled], [sequences[row].params for row in rows],
-                [sequences[row].generator for row in rows],
-            )
-            for row, token in zip(rows, picks.tolist(), strict=True):
-                chosen[row] = token
-        return chosen
+    def _join(self, block: KVBlock, ids: list[int], offsets: list[int]) -> None:
+        if self._rows is None:
+            self._rows = _Rows(block, list(ids), list(offsets))
+            return
+        self._rows.block = concat_blocks(self._rows.block, block)
+        self._rows.ids += ids
+        self._rows.offsets += offsets
 
-    def advance(
-        self, seq: SequenceState, token: int, emit: Callable[[GenerationEvent], None]
-    ) -> None:
-        """Account one generated token: decide whether the choice is finished (eos, a stop
-        string, max_tokens) and emit the text that is now final."""
-        seq.completion_tokens += 1
-        if seq.counts is not None:
-            seq.counts[token] += 1
-        if token in self.eos_ids and not seq.params.ignore_eos:
-            seq.finish_reason = "stop"
-        else:
-            before = len(seq.text)
-            seq.text += seq.detok.add(token)
-            cut = seq.stops.find(seq.text, before)
-            if cut >= 0:
-                seq.text = seq.text[:cut]
-                seq.finish_reason = "stop"
-            elif seq.completion_tokens >= seq.max_tokens:
-                seq.finish_reason = "length"
-        safe = len(seq.text) if seq.finish_reason else seq.stops.safe_length(seq.text)
-        if safe > seq.emitted:
-            emit(TextDelta(seq.index, seq.text[seq.emitted:safe]))
-            seq.emitted = safe
-        if seq.finish_reason:
-            emit(ChoiceFinished(seq.index, seq.finish_reason))
+    def fork(self, parent: int, children: Sequence[int]) -> None:
+        rows = self._rows
+        if rows is None or parent not in rows.ids:
+            raise RuntimeError(f"sequence {parent} is not running")
+        row = rows.ids.index(parent)
+        copies = select_rows(rows.block, [row] * len(children))
+        self._join(copies, list(children), [rows.offsets[row]] * len(children))
+
+    def release(self, seq_id: int) -> None:
+        self._chunked.pop(seq_id, None)
+        rows = self._rows
+        if rows is None or seq_id not in rows.ids:
+            return
+        keep = [i for i, other in enumerate(rows.ids) if other != seq_id]
+        if not keep:
+            self._rows = None
+            return
+        rows.block = select_rows(rows.block, keep)
+        rows.ids = [rows.ids[i] for i in keep]
+        rows.offsets = [rows.offsets[i] for i in keep]

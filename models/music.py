@@ -18,6 +18,7 @@ Registry `options`: `default_duration`, `max_duration` (seconds), `default_guida
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import threading
@@ -37,10 +38,10 @@ from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsP
 from engine.audio import MEDIA_TYPES, encode_audio
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.registry import ModelEntry
+from engine.sampling import SamplerState, choose_tokens
 from engine.sources import resolve_source
-from engine.types import SamplingParams
+from engine.types import Sampling
 from models.base import ModelAdapter
-from models.decoding import sample_rows
 from models.media import (
     MAX_GUIDANCE,
     MediaResult,
@@ -65,18 +66,17 @@ class _SeededSampler(LogitsProcessor):
     processor's `uncond + scale * (cond - uncond)` leaves them as they are.
     """
 
-    def __init__(self, guidance_scale: float, params: SamplingParams, generator: torch.Generator):
+    def __init__(self, guidance_scale: float, sampling: Sampling, seed: int):
         self._guidance = (ClassifierFreeGuidanceLogitsProcessor(guidance_scale)
                           if guidance_scale > 1 else None)
-        self._params = params
-        self._generator = generator
+        self._state = SamplerState(dataclasses.replace(sampling, seed=seed), 0, (), 0)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         guided = self._guidance(input_ids, scores) if self._guidance is not None else scores
         rows = guided.shape[0]
-        # Drawn on the CPU from the job's generator, row by row: reproducible anywhere.
-        tokens = sample_rows(guided.float().cpu(), [self._params] * rows,
-                             [self._generator] * rows).to(scores.device)
+        # Drawn on the CPU from the job's own random stream, row by row: reproducible anywhere.
+        picks = choose_tokens(guided.float().cpu().numpy(), [self._state] * rows)
+        tokens = torch.tensor(picks, device=scores.device)
         chosen = torch.full_like(guided, torch.finfo(guided.dtype).min)
         chosen.scatter_(1, tokens[:, None], 0.0)
         return torch.cat([chosen, chosen]) if self._guidance is not None else chosen
@@ -151,7 +151,7 @@ class MusicGen(ModelAdapter):
         self.frame_rate = float(codec.frame_rate)  # codec frames per second of audio
         self.num_codebooks = int(model.decoder.num_codebooks)
         defaults = model.generation_config
-        self.sampling = SamplingParams(
+        self.sampling = Sampling(
             temperature=float(defaults.temperature or 1.0), top_k=int(defaults.top_k or 0),
             top_p=float(defaults.top_p or 1.0),
         )
@@ -185,12 +185,11 @@ class MusicGen(ModelAdapter):
             do_sample=False, top_k=50, top_p=1.0, temperature=1.0,
             guidance_scale=params["guidance_scale"], max_new_tokens=new_tokens,
         )
-        generator = torch.Generator("cpu").manual_seed(params["seed"])
         audio = self.model.generate(
             **inputs,
             generation_config=generation_config,
             logits_processor=LogitsProcessorList(
-                [_SeededSampler(params["guidance_scale"], self.sampling, generator)]
+                [_SeededSampler(params["guidance_scale"], self.sampling, params["seed"])]
             ),
             stopping_criteria=StoppingCriteriaList([_TokenProgress(tracker)]),
         )

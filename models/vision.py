@@ -4,7 +4,7 @@ Qwen2-VL, Gemma 3, ...) through `AutoModelForImageTextToText` + `AutoProcessor`.
 The adapter is a `TransformersChat`, so engine.scheduler.ChatScheduler serves it with the same
 streaming, sampling, stop strings, cancellation and usage as text chat. What differs: prompts
 are rendered with the processor's chat template (image placeholders included), a prompt with
-images carries the processor's tensors (`PreparedPrompt.vision_inputs`) and is prefilled
+images carries the processor's tensors (`PromptInput.extras`) and is prefilled
 alone in one multimodal forward (`prefill_vision`); decode steps are the language model's,
 shared with every other row of the batch. Text-only prompts take the plain text path.
 """
@@ -12,16 +12,18 @@ shared with every other row of the batch. Text-only prompts take the plain text 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
+from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.sources import resolve_source
-from engine.types import ChatMessage, GenerationRequest, ImageInput, SamplingParams
-from models.chat import _ROLE_FOR_TEMPLATE, PreparedPrompt, TransformersChat
+from engine.types import ChatMessage, ImageInput
+from models.chat import _ROLE_FOR_TEMPLATE, TransformersChat
 from models.chat_batching import KVBlock
 
 
@@ -51,19 +53,17 @@ class VisionChat(TransformersChat):
         super().warmup()
         # The vision tower's first call pays its own lazy initialization.
         blank = ImageInput(url="", param="", part="", image=Image.new("RGB", (64, 64)))
-        request = GenerationRequest(
-            model=self.entry.id, params=SamplingParams(max_tokens=1),
-            messages=[ChatMessage("user", "Hi", parts=(blank, "Hi"))],
-        )
-        self.prefill_vision(self.prepare(request))
+        prompt = self.render_chat([ChatMessage("user", "Hi", parts=(blank, "Hi"))])
+        self.execute(StepPlan(prefill=[PrefillChunk(-1, prompt.ids, 0, True, prompt.extras)]))
+        self.release(-1)
 
-    # -- requests ----------------------------------------------------------------------------
+    # -- prompts -----------------------------------------------------------------------------
 
-    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
-        images = request.images()
+    def render_chat(self, messages: Sequence[ChatMessage]) -> PromptInput:
+        text = self._render(messages)
+        images = [image for message in messages for image in message.images]
         if not images:
-            return super().prepare(request)
-        text = self._render(request)
+            return PromptInput(self._encoder.encode(text, add_special_tokens=False).ids, text)
         try:
             with self._processor_lock:
                 inputs = self.processor(
@@ -76,15 +76,9 @@ class VisionChat(TransformersChat):
             ) from exc
         ids = inputs.pop("input_ids")[0].tolist()
         inputs.pop("attention_mask", None)  # one row, no padding: rebuilt at prefill
-        prompt = self._checked(ids, text, request, "messages")
-        prompt.vision_inputs = dict(inputs)
-        return prompt
+        return PromptInput(ids, text, extras=dict(inputs))
 
-    def _chat_prompt(self, request: GenerationRequest) -> tuple[list[int], str]:
-        text = self._render(request)
-        return self._encoder.encode(text, add_special_tokens=False).ids, text
-
-    def _render(self, request: GenerationRequest) -> str:
+    def _render(self, messages: Sequence[ChatMessage]) -> str:
         """The chat template over content-part lists, `{"type": "image"}` marking each image
         (what image-text-to-text templates expect; most cannot take a plain string)."""
         if not self.chat_template:
@@ -92,8 +86,8 @@ class VisionChat(TransformersChat):
                 f"{self.entry.id!r} has no chat template; use /v1/completions with a prompt",
                 param="model",
             )
-        messages = []
-        for message in request.messages or []:
+        turns = []
+        for message in messages:
             parts = message.parts or (message.content,)
             content = [
                 {"type": "image"} if isinstance(part, ImageInput)
@@ -101,33 +95,35 @@ class VisionChat(TransformersChat):
                 for part in parts
             ]
             role = _ROLE_FOR_TEMPLATE.get(message.role, message.role)
-            messages.append({"role": role, "content": content})
+            turns.append({"role": role, "content": content})
         text: str = self.processor.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True,
+            turns, chat_template=self.chat_template, add_generation_prompt=True,
             tokenize=False,
         )
         return text
 
-    # -- the multimodal prefill, driven by engine.scheduler.ChatScheduler --------------------
+    # -- the multimodal prefill, run by TransformersChat.execute -----------------------------
 
     @torch.no_grad()
-    def prefill_vision(self, prompt: PreparedPrompt) -> tuple[KVBlock, torch.Tensor, int]:
+    def prefill_vision(
+        self, ids: list[int], extras: dict[str, Any]
+    ) -> tuple[KVBlock, torch.Tensor, int]:
         """One forward over a prompt with images: vision tower, projector and language model.
         Returns its KV row, its last logits and the position offset its decode steps need."""
         device = self.context.device
-        ids = torch.tensor([prompt.ids], device=device)
-        mask = torch.ones_like(ids)
-        extra: dict[str, Any] = {}
-        for name, value in (prompt.vision_inputs or {}).items():
+        tokens = torch.tensor([ids], device=device)
+        mask = torch.ones_like(tokens)
+        inputs: dict[str, Any] = {}
+        for name, value in extras.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(device)
                 if value.is_floating_point():
                     value = value.to(self.model.dtype)
-            extra[name] = value
+            inputs[name] = value
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1, **extra)
-        return KVBlock.from_cache(cache, mask), out.logits[:, -1, :].float(), self._rope_delta()
+        out = self.model(input_ids=tokens, attention_mask=mask, cache=cache,
+                         use_cache=True, logits_to_keep=1, **inputs)
+        return KVBlock.from_cache(cache, mask), out.logits[0, -1, :], self._rope_delta()
 
     def _rope_delta(self) -> int:
         """mRoPE models (the Qwen2-VL family) give the text after an image positions shifted

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.chat_backend import PromptInput
 from engine.compute import ComputeThread
 from engine.scheduler import ChatScheduler
 from engine.types import (
@@ -19,7 +20,7 @@ from engine.types import (
     SamplingParams,
     TextDelta,
 )
-from models.chat import PreparedPrompt, TransformersChat
+from models.chat import TransformersChat
 
 TOKENS = 8
 
@@ -35,7 +36,7 @@ def image_request(color: tuple[int, int, int] | None, text: str = "What is this?
                              messages=[ChatMessage("user", text, parts=parts)])
 
 
-def serve_greedy(adapter: TransformersChat, prompts: list[PreparedPrompt]) -> list[str]:
+def serve_greedy(adapter: TransformersChat, prompts: list[PromptInput]) -> list[str]:
     """Submit every prompt at once (they share the batch); each one's greedy text."""
     texts = ["" for _ in prompts]
     compute = ComputeThread()
@@ -60,12 +61,12 @@ def serve_greedy(adapter: TransformersChat, prompts: list[PreparedPrompt]) -> li
     return texts
 
 
-def generate_greedy(adapter: TransformersChat, prompt: PreparedPrompt) -> str:
+def generate_greedy(adapter: TransformersChat, prompt: PromptInput) -> str:
     """`model.generate` on the prompt alone, decoded as the server decodes its reply."""
     device = adapter.context.device
     ids = torch.tensor([prompt.ids], device=device)
     extra: dict[str, Any] = {}
-    for name, value in (prompt.vision_inputs or {}).items():
+    for name, value in (prompt.extras or {}).items():
         if isinstance(value, torch.Tensor):
             value = value.to(device)
             if value.is_floating_point():

@@ -77,8 +77,8 @@ def chat_request(body: ChatIn, router: Router) -> Routed:
 
 
 def sampling(temperature: float | None, max_tokens: int | None) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens,
-                          temperature=1.0 if temperature is None else temperature)
+    """Unset fields take the model's own defaults."""
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature)
 
 
 def body_digest(body: Body, *ignored: str) -> str:

@@ -41,20 +41,24 @@ StopField = Annotated[str | list[str] | None, Field(None)]
 
 
 class SamplingFields(WireModel):
-    """Fields chat and completions share. Ember extensions: top_k, ignore_eos."""
+    """Fields chat and completions share. Unset sampling fields take the model's defaults.
+    Ember extensions (as vLLM's): top_k, min_p, repetition_penalty, ignore_eos."""
 
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
     n: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0, ge=-2, le=2)
-    frequency_penalty: float = Field(0, ge=-2, le=2)
-    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Any 64-bit value, signed or not; a bigger one is a 400 here, never a failed decode.
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     ignore_eos: bool = False
     user: str | None = None
 

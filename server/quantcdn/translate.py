@@ -118,7 +118,7 @@ def chat_request(body: ChatIn) -> GenerationRequest:
         messages.insert(0, ChatMessage(role="system", content=body.system_prompt))
     params = SamplingParams(
         max_tokens=body.max_tokens, temperature=body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, stop=list(body.stop_sequences or []),
+        top_p=body.top_p, stop=list(body.stop_sequences or []),
     )
     return GenerationRequest(model=body.model_id, params=params, messages=messages,
                              request_id=new_request_id())

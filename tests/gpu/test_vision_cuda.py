@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.registry import ModelEntry
+from engine.service import prompt_input
 from models.base import LoadContext
 from models.vision import VisionChat
 from tests.tiny_models import build_tiny_llava, build_tiny_qwen2_vl, build_tiny_smolvlm
@@ -44,7 +45,7 @@ def test_served_replies_match_generate_on_cuda(
     adapter.warmup()
     requests = [image_request((220, 20, 20)), image_request(None, "Hello world"),
                 image_request((20, 20, 220))]
-    prompts = [adapter.prepare(request) for request in requests]
+    prompts = [prompt_input(adapter, request) for request in requests]
     assert len(prompts[0].ids) > len(prompts[1].ids)  # image tokens in the prompt
     expected = [generate_greedy(adapter, prompt) for prompt in prompts]
     assert expected[0] != expected[2]  # the model sees the images

@@ -16,6 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
+from engine.service import prompt_input
 from engine.settings import Settings
 from tests.conftest import Served, serve_in_process
 from tests.vision_checks import generate_greedy, image_request
@@ -159,7 +160,7 @@ async def test_replies_match_transformers_generate(served: Served) -> None:
     on the same checkpoint, while image and text requests share the batch."""
     adapter = (await served.app.state.engine.manager.load("tiny-vision")).adapter
     expected = [
-        generate_greedy(adapter, adapter.prepare(image_request(color, QUESTION)))
+        generate_greedy(adapter, prompt_input(adapter, image_request(color, QUESTION)))
         for color in ((230, 20, 20), (20, 20, 230))
     ]
     replies = await asyncio.gather(

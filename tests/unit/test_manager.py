@@ -39,8 +39,9 @@ class CountingAdapter(ModelAdapter):
 
 
 def entry(model_id: str, mb: float = 10, **options: Any) -> ModelEntry:
-    # The source only needs to exist: the fake adapter loads nothing from it.
-    return ModelEntry(id=model_id, task="chat", adapter="unused:Unused",
+    # The source only needs to exist: the fake adapter loads nothing from it. A job task:
+    # its model needs no runner.
+    return ModelEntry(id=model_id, task="video", adapter="unused:Unused",
                       source=str(Path(__file__).parent), options={"mb": mb, **options})
 
 

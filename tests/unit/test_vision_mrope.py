@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from engine.chat_backend import PromptInput
 from engine.compute import ComputeThread
 from engine.registry import ModelEntry
 from engine.scheduler import ChatScheduler
 from engine.types import SamplingParams
 from models.base import LoadContext
-from models.chat import PreparedPrompt
 from models.vision import VisionChat
 from tests.tiny_models import tiny_qwen2_vl
 from tests.vision_checks import TOKENS, generate_greedy, serve_greedy
@@ -43,14 +43,14 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[VisionChat, Any]:
 
 def image_prompt(
     adapter: VisionChat, processor: Any, color: tuple[int, int, int]
-) -> PreparedPrompt:
+) -> PromptInput:
     pixels = processor(images=[Image.new("RGB", (100, 60), color)], return_tensors="pt")
     tokens = int(pixels["image_grid_thw"].prod()) // 4  # 2x2 patches merge into one token
     text = ("<|im_start|>user\nWhat is <|vision_start|>" + "<|image_pad|>" * tokens
             + "<|vision_end|> this?<|im_end|>\n<|im_start|>assistant\n")
     ids = adapter.tokenizer(text, add_special_tokens=False).input_ids
-    return PreparedPrompt(ids=ids, text=text, max_tokens=TOKENS,
-                          vision_inputs={**pixels, "mm_token_type_ids": image_types(adapter, ids)})
+    return PromptInput(ids=ids, text=text,
+                       extras={**pixels, "mm_token_type_ids": image_types(adapter, ids)})
 
 
 def image_types(adapter: VisionChat, ids: list[int]) -> torch.Tensor:
@@ -63,12 +63,12 @@ def test_image_rows_decode_at_shifted_positions_in_a_shared_batch(
 ) -> None:
     adapter, processor = qwen
     prompts = [image_prompt(adapter, processor, (200, 20, 20)),
-               PreparedPrompt(ids=adapter.tokenizer("Hello world").input_ids, text="",
-                              max_tokens=TOKENS),
+               PromptInput(ids=adapter.tokenizer("Hello world").input_ids, text=""),
                image_prompt(adapter, processor, (20, 20, 200))]
     expected = [generate_greedy(adapter, prompt) for prompt in prompts]
     assert expected[0] != expected[2]  # the model sees the images
-    _, _, shift = adapter.prefill_vision(prompts[0])
+    assert prompts[0].extras is not None
+    _, _, shift = adapter.prefill_vision(prompts[0].ids, prompts[0].extras)
     assert shift < 0  # image tokens take fewer positions than tokens: text after is shifted
     assert adapter._rope_delta() == 0  # and the model's copy is cleared
     assert serve_greedy(adapter, prompts) == expected
@@ -82,8 +82,8 @@ def test_a_failing_image_prefill_fails_only_its_request(qwen: tuple[VisionChat, 
     image_id = adapter.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     first_image = bad.ids.index(image_id)
     bad.ids = bad.ids[:first_image] + bad.ids[first_image + 2:]
-    assert bad.vision_inputs is not None
-    bad.vision_inputs["mm_token_type_ids"] = image_types(adapter, bad.ids)
+    assert bad.extras is not None
+    bad.extras["mm_token_type_ids"] = image_types(adapter, bad.ids)
     compute = ComputeThread()
     scheduler = ChatScheduler(adapter, "tiny-qwen2-vl", compute, max_batch_size=8,
                               max_queue=8, kv_cache_tokens=4096, prefill_chunk_tokens=512)
