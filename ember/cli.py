@@ -79,9 +79,12 @@ def pull(args: argparse.Namespace) -> int:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    print(f"{entry.id}: downloading {entry.source} from the Hugging Face Hub", flush=True)
+    # A GGUF repo holds many quantizations of GBs each: fetch the one file the entry names.
+    only = [entry.gguf_file] if entry.gguf_file else None
+    what = f"{entry.gguf_file} of {entry.source}" if only else entry.source
+    print(f"{entry.id}: downloading {what} from the Hugging Face Hub", flush=True)
     try:
-        path = snapshot_download(entry.source)
+        path = snapshot_download(entry.source, allow_patterns=only)
     except (HfHubHTTPError, OSError, ValueError) as exc:
         print(f"ember: could not download {entry.source}: {exc}", file=sys.stderr)
         return 2

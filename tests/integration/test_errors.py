@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,10 @@ BAD_CHAT_BODIES = [
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"stream": "often"}, "stream"),
     ({"model": None}, "model"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
 ]
 
 
@@ -240,3 +245,25 @@ async def test_unknown_route_is_404_in_envelope(served: Served) -> None:
     response = await served.http.get("/v1/nothing-here")
     assert response.status_code == 404
     assert error_of(response)["code"] == "not_found"
+
+
+async def test_a_huge_n_is_refused_before_any_work(served: Served) -> None:
+    """n=1e20 once built a choice list of that size on the event loop before n was checked."""
+    for body in ({"n": 1e20}, {"n": 10**20}, {"n": 10**20, "stream": True}):
+        response = await served.http.post("/v1/chat/completions", json={
+            "model": "tiny-chat", "messages": USER, **body})
+        assert response.status_code == 400
+        assert error_of(response)["param"] == "n"
+    response = await served.http.post("/v1/completions", json={
+        "model": "tiny-chat", "prompt": "Hello", "n": 10**20})
+    assert response.status_code == 400 and error_of(response)["param"] == "n"
+    await still_serving(served)
+
+
+async def test_extreme_seeds_decode_and_fail_nothing_batched_with_them(served: Served) -> None:
+    """Any 64-bit seed samples; a seed outside 64 bits once crashed the shared decode step."""
+    replies = await asyncio.gather(*(served.openai.chat.completions.create(
+        model="tiny-chat", messages=USER, max_tokens=4, temperature=1.0, seed=seed,
+    ) for seed in (2**64 - 1, -(2**63), 0)))
+    assert all(reply.choices[0].finish_reason for reply in replies)
+    await still_serving(served)
