@@ -99,7 +99,8 @@ class ChatBackend(Protocol):
         ...
 
     def release(self, seq_id: int) -> None:
-        """Forget a sequence (finished, cancelled or failed) and free its KV."""
+        """Forget a sequence (finished, cancelled or failed) and free its KV. An id it does
+        not hold (cancelled before its first chunk) is a no-op."""
         ...
 
     def live_sequences(self) -> set[int]:

@@ -182,6 +182,12 @@ class ChatScheduler:
         """(max_tokens, KV tokens to reserve) for a request, or a 400 stating the numbers."""
         if not prompt.ids:
             raise InvalidRequestError("the prompt is empty", param=param)
+        if sampling.n > self.backend.max_sequences:  # its hard limit (the batch size is not)
+            raise InvalidRequestError(
+                f"n must be at most {self.backend.max_sequences} for {self.name!r}; "
+                f"got {sampling.n}",
+                param="n",
+            )
         context = self.backend.context_length
         prompt_len, n = len(prompt.ids), sampling.n
         room = context - prompt_len
@@ -207,11 +213,6 @@ class ChatScheduler:
                     param="max_tokens" if explicit is not None else param,
                 )
             max_tokens = fits
-        if n > self.backend.max_sequences:  # the backend's hard limit (the batch size is not)
-            raise InvalidRequestError(
-                f"n must be at most {self.backend.max_sequences} for {self.name!r}; got {n}",
-                param="n",
-            )
         return max_tokens, n * (prompt_len + max_tokens)
 
     def shutdown(self) -> None:
@@ -351,13 +352,11 @@ class ChatScheduler:
         self, decoded: list[tuple[ChatJob, SequenceState]], logits: np.ndarray
     ) -> None:
         """The sequences decoded this step take their next token."""
-        try:
-            tokens = choose_tokens(logits, [seq.sampler for _, seq in decoded])
-        except Exception:  # find the row that broke; the others go on
-            tokens = []
-            for row, (job, seq) in enumerate(decoded):
+        tokens = logits.argmax(axis=1).tolist() if len(logits) else []
+        for row, (job, seq) in enumerate(decoded):
+            if not seq.sampler.sampling.greedy:  # each alone: a failure fails its own request
                 picked = self._guarded(job, choose_tokens, logits[row:row + 1], [seq.sampler])
-                tokens.append(picked[0] if picked else -1)
+                tokens[row] = picked[0] if picked else -1
         for (job, seq), token in zip(decoded, tokens, strict=True):
             if token < 0 or job.future.done() or seq.finish_reason:
                 continue
@@ -436,6 +435,8 @@ class ChatScheduler:
             if seq.finish_reason is None:
                 seq.finish_reason = "cancelled"
                 self._release(seq)
+            elif any(s is seq for _, s in self._running):
+                self._release(seq)  # finished, but the job failed (emit raised) before that
         with self._cond:
             self._admitted_jobs -= 1
             self._reserved_sequences -= job.sampling.n
