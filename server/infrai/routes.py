@@ -24,6 +24,7 @@ from engine.types import (
     TextDelta,
     TranscriptionRequest,
 )
+from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, file_url, require_api_key
 from server.gateway import deadline, renamed_params, within
 from server.infrai import translate
@@ -52,11 +53,16 @@ TTS_FORMATS = {"mp3": "mp3", "wav": "wav", "ogg": "opus", "pcm": "pcm"}
 
 
 @router.post("/chat")
-async def chat(body: ChatIn, engine: EngineDep) -> Any:
+async def chat(body: ChatIn, request: Request, engine: EngineDep) -> Any:
     routed = translate.chat_request(body, engine.router)
     policy = translate.CACHE_POLICIES[body.cache_strategy]
-    if body.batch_mode:
+    if body.batch_mode:  # queued as a job, which outlives the request by design
         return await _submit_batch(body, routed, policy, engine)
+    return await unless_disconnected(request, _chat_now(body, routed, policy, engine))
+
+
+async def _chat_now(body: ChatIn, routed: translate.Routed, policy: CachePolicy,
+                    engine: Engine) -> Any:
     key = f"ai.chat:{body.idempotency_key}" if body.idempotency_key else None
     digest = translate.body_digest(body, "stream", "timeout_seconds")
 
@@ -163,7 +169,8 @@ async def chat_job(job_id: str, engine: EngineDep) -> Any:
 
 
 @router.post("/embed")
-async def embed(body: EmbedIn, engine: EngineDep) -> Any:
+@cancel_on_disconnect
+async def embed(body: EmbedIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
     model = engine.registry.model_or_default(body.model, "embedding")
     texts = [body.input] if isinstance(body.input, str) else body.input
@@ -186,6 +193,7 @@ async def embed(body: EmbedIn, engine: EngineDep) -> Any:
 
 
 @router.post("/image")
+@cancel_on_disconnect
 async def image(body: ImageIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
     model = body.model or engine.router.pick("image", "general", body.prefer)
@@ -213,11 +221,11 @@ def _vision_model(engine: Engine) -> str:
 
 
 @router.post("/vision")
-async def vision_chat(body: VisionIn, engine: EngineDep) -> Any:
-    request = translate.vision_request(body, body.model or _vision_model(engine))
-    result = await engine.generate(request)
-    meta = translate.metadata(request.request_id,
-                              vision.chat_entry(engine.registry, request).id)
+@cancel_on_disconnect
+async def vision_chat(body: VisionIn, request: Request, engine: EngineDep) -> Any:
+    job = translate.vision_request(body, body.model or _vision_model(engine))
+    result = await engine.generate(job)
+    meta = translate.metadata(job.request_id, vision.chat_entry(engine.registry, job).id)
     return JSON(translate.chat_result(result, meta))
 
 
@@ -231,6 +239,7 @@ def _default_voice(engine: Engine, model: str) -> str:
 
 
 @router.post("/tts")
+@cancel_on_disconnect
 async def tts(body: TtsIn, request: Request, engine: EngineDep) -> Any:
     """The whole clip is synthesized, stored as a file, and its URL returned."""
     translate.check_vendor(body)
@@ -263,7 +272,8 @@ async def _audio_bytes(ref: MediaRef, engine: Engine) -> bytes:
 
 
 @router.post("/asr")
-async def asr(body: AsrIn, engine: EngineDep) -> Any:
+@cancel_on_disconnect
+async def asr(body: AsrIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
     model = engine.registry.model_or_default(body.model, "stt")
     audio = await _audio_bytes(body.audio, engine)

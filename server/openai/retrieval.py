@@ -16,6 +16,7 @@ from engine.types import (
     RerankRequest,
     RerankResult,
 )
+from server.cancellation import cancel_on_disconnect
 from server.deps import EngineDep, require_api_key
 from server.openai.schemas import WireModel
 from server.openai.translate import new_id
@@ -107,6 +108,7 @@ def moderation_json(result: ModerationResult) -> dict[str, Any]:
 
 
 @router.post("/rerank")
+@cancel_on_disconnect
 async def rerank(body: RerankRequestIn, request: Request, engine: EngineDep) -> Any:
     body.note_unknown(request.url.path)
     documents = document_texts(body.documents)
@@ -116,6 +118,7 @@ async def rerank(body: RerankRequestIn, request: Request, engine: EngineDep) -> 
 
 
 @router.post("/moderations")
+@cancel_on_disconnect
 async def moderations(body: ModerationRequestIn, request: Request, engine: EngineDep) -> Any:
     body.note_unknown(request.url.path)
     result = await engine.moderate(

@@ -24,6 +24,7 @@ from engine.types import (
     TranscriptSegment,
     Usage,
 )
+from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, require_api_key
 from server.errors import openai_envelope
 from server.openai import audio, images, translate
@@ -40,6 +41,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 @router.post("/chat/completions")
+@cancel_on_disconnect
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, engine: EngineDep
 ) -> Any:
@@ -78,6 +80,7 @@ async def _chat_frames(
 
 
 @router.post("/completions")
+@cancel_on_disconnect
 async def completions(
     body: CompletionRequest, request: Request, engine: EngineDep
 ) -> Any:
@@ -119,6 +122,7 @@ async def _completion_frames(
 
 
 @router.post("/embeddings")
+@cancel_on_disconnect
 async def embeddings(
     body: EmbeddingRequestIn, request: Request, engine: EngineDep
 ) -> Any:
@@ -145,13 +149,18 @@ async def _transcript(
 ) -> Any:
     body, job = await audio.read_transcription_form(request, task)
     body.note_unknown(request.url.path)
-    if body.stream:
-        events = await prime(engine.transcribe_stream(job))
-        return sse_response(_transcript_frames(events), openai_envelope)
-    result = await engine.transcribe(job)
-    if body.response_format in ("json", "verbose_json"):
-        return JSON(audio.transcript_json(result, body))
-    return PlainTextResponse(audio.transcript_text(result, body.response_format))
+
+    async def transcribed() -> Any:
+        if body.stream:
+            events = await prime(engine.transcribe_stream(job))
+            return sse_response(_transcript_frames(events), openai_envelope)
+        result = await engine.transcribe(job)
+        if body.response_format in ("json", "verbose_json"):
+            return JSON(audio.transcript_json(result, body))
+        return PlainTextResponse(audio.transcript_text(result, body.response_format))
+
+    # The form is read: from here on, `receive` carries only the client's disconnect.
+    return await unless_disconnected(request, transcribed())
 
 
 async def _transcript_frames(
@@ -168,6 +177,7 @@ async def _transcript_frames(
 
 
 @router.post("/audio/speech")
+@cancel_on_disconnect
 async def speech(body: audio.SpeechRequestIn, request: Request, engine: EngineDep) -> Any:
     body.note_unknown(request.url.path)
     chunks = await prime(engine.speak(audio.speech_request(body)))
@@ -194,6 +204,7 @@ async def voices(engine: EngineDep) -> Any:
 
 
 @router.post("/images/generations")
+@cancel_on_disconnect
 async def image_generations(
     body: images.ImageGenerationIn, request: Request, engine: EngineDep
 ) -> Any:
@@ -219,9 +230,13 @@ async def _image_from_image(
 ) -> Any:
     body, job = await images.read_edit_form(request, engine.registry, mode)
     body.note_unknown(request.url.path)
-    result = await engine.generate_images(job)
-    return JSON(await images.images_response(
-        result, body, request, engine))
+
+    async def edited() -> Any:
+        result = await engine.generate_images(job)
+        return JSON(await images.images_response(result, body, request, engine))
+
+    # The form is read: from here on, `receive` carries only the client's disconnect.
+    return await unless_disconnected(request, edited())
 
 
 # -- files -------------------------------------------------------------------------------------

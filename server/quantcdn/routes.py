@@ -8,7 +8,7 @@ import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from engine.errors import InvalidRequestError, UnsupportedFeatureError
 from engine.types import (
@@ -20,6 +20,7 @@ from engine.types import (
     TextDelta,
 )
 from models.embeddings import truncate_dimensions
+from server.cancellation import cancel_on_disconnect
 from server.deps import EngineDep
 from server.gateway import renamed_params
 from server.quantcdn import translate
@@ -34,7 +35,8 @@ router = APIRouter(prefix="/api/v3/organizations/{organisation}/ai",
 
 
 @router.post("/chat")
-async def chat(body: ChatIn, engine: EngineDep) -> Any:
+@cancel_on_disconnect
+async def chat(body: ChatIn, raw_request: Request, engine: EngineDep) -> Any:
     """Buffered: the whole reply in one response (`stream` in the body changes nothing, as
     the gateway documents)."""
     request = translate.chat_request(body)
@@ -44,7 +46,8 @@ async def chat(body: ChatIn, engine: EngineDep) -> Any:
 
 
 @router.post("/chat/stream")
-async def chat_stream(body: ChatIn, engine: EngineDep) -> Any:
+@cancel_on_disconnect
+async def chat_stream(body: ChatIn, raw_request: Request, engine: EngineDep) -> Any:
     """SSE: `{requestId, model, delta}` per piece of text, then `{requestId, model,
     finishReason, usage}`, then `[DONE]`."""
     request = translate.chat_request(body)
@@ -67,7 +70,8 @@ async def _chat_frames(body: ChatIn, request: GenerationRequest,
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingsIn, engine: EngineDep) -> Any:
+@cancel_on_disconnect
+async def embeddings(body: EmbeddingsIn, raw_request: Request, engine: EngineDep) -> Any:
     """`dimensions` at or above the model's own size gives the model's own vectors (the
     client sends 1024 unless told otherwise); below it, they are truncated and re-normalized.
     `dimension` reports the size returned."""
@@ -80,7 +84,10 @@ async def embeddings(body: EmbeddingsIn, engine: EngineDep) -> Any:
 
 
 @router.post("/image-generation")
-async def image_generation(body: ImageGenerationIn, engine: EngineDep) -> Any:
+@cancel_on_disconnect
+async def image_generation(
+    body: ImageGenerationIn, raw_request: Request, engine: EngineDep
+) -> Any:
     with renamed_params(translate.image_params(body.task_type)):
         job = await _image_request(body)
         result = await engine.generate_images(job)

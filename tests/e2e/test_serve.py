@@ -4,6 +4,7 @@ published `openai` client."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import subprocess
 import sys
@@ -42,6 +43,29 @@ def test_models_list_the_packaged_defaults(client: openai.OpenAI) -> None:
     states = {m.id: (m.model_extra or {}).get("state") for m in client.models.list().data}
     assert states["smollm2-135m-instruct"] == "ready"
     assert states["all-minilm-l6-v2"] == "ready"
+
+
+def test_the_default_chat_model_runs_on_llama_cpp_with_its_own_defaults(server: str) -> None:
+    info = httpx.get(f"{server}/v1/models/smollm2-135m-instruct").json()
+    if importlib.util.find_spec("llama_cpp") is not None:  # what `make serve` installs
+        assert info["backend"] == "llama.cpp", info["backend_note"]
+        assert info["dtype"] == "gguf"
+    else:  # no build: transformers serves it, and says why
+        assert info["backend"] == "transformers" and info["backend_note"]
+    assert info["sampling_defaults"]["temperature"] == 0.2
+    assert info["sampling_defaults"]["top_p"] == 0.9
+    assert info["sampling_defaults"]["max_tokens"] == 512
+
+
+def test_a_bare_request_gets_a_sensible_answer(client: openai.OpenAI) -> None:
+    """No sampling fields: the README's example. At OpenAI's temperature 1.0 the 135M model
+    babbled; its own defaults (0.2 / 0.9) answer, and end well inside max_tokens' bound."""
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None and reply.usage.completion_tokens <= 512
 
 
 def test_real_chat_answers_and_stream_matches(client: openai.OpenAI) -> None:

@@ -21,23 +21,26 @@ PROMPTS = [
 ]
 
 
-async def complete(served: Served, prompt: str, max_tokens: int) -> str:
+async def complete(served: Served, chat_model: str, prompt: str, max_tokens: int) -> str:
     reply = await served.openai.completions.create(
-        model="tiny-chat", prompt=prompt, max_tokens=max_tokens, temperature=0,
+        model=chat_model, prompt=prompt, max_tokens=max_tokens, temperature=0,
         extra_body={"ignore_eos": True},
     )
     return reply.choices[0].text
 
 
-async def test_concurrent_greedy_requests_match_sequential_ones(served: Served) -> None:
+async def test_concurrent_greedy_requests_match_sequential_ones(
+    served: Served, chat_model: str
+) -> None:
     lengths = [12, 30, 7, 25, 18, 3]  # different lengths: rows leave the batch at different steps
-    alone = [await complete(served, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
-    scheduler = served.app.state.engine.manager.slot("tiny-chat").runner
+    alone = [await complete(served, chat_model, p, n)
+             for p, n in zip(PROMPTS, lengths, strict=True)]
+    scheduler = served.app.state.engine.manager.slot(chat_model).runner
     steps_before = scheduler.steps
 
     async def staggered(index: int) -> str:
         await asyncio.sleep(0.01 * index)  # newcomers join a batch that is already decoding
-        return await complete(served, PROMPTS[index], lengths[index])
+        return await complete(served, chat_model, PROMPTS[index], lengths[index])
 
     together = await asyncio.gather(*[staggered(i) for i in range(len(PROMPTS))])
     assert together == alone
@@ -46,27 +49,29 @@ async def test_concurrent_greedy_requests_match_sequential_ones(served: Served) 
     assert scheduler.active_sequences == 0 and scheduler.pending == 0
 
 
-async def test_n_choices_share_one_prefill_and_match_alone(served: Served) -> None:
+async def test_n_choices_share_one_prefill_and_match_alone(
+    served: Served, chat_model: str
+) -> None:
     reply = await served.openai.completions.create(
-        model="tiny-chat", prompt="Hello world", max_tokens=10, temperature=0, n=3,
+        model=chat_model, prompt="Hello world", max_tokens=10, temperature=0, n=3,
         extra_body={"ignore_eos": True},
     )
-    single = await complete(served, "Hello world", 10)
+    single = await complete(served, chat_model, "Hello world", 10)
     assert [c.text for c in reply.choices] == [single] * 3
 
 
 async def test_long_prompt_is_prefilled_in_chunks_without_changing_the_answer(
-    served: Served,
+    served: Served, chat_model: str
 ) -> None:
-    scheduler = served.app.state.engine.manager.slot("tiny-chat").runner
+    scheduler = served.app.state.engine.manager.slot(chat_model).runner
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 12  # > one 64-token chunk
     chunk = scheduler.prefill_chunk_tokens
     try:
         scheduler.prefill_chunk_tokens = 64
-        chunked = await complete(served, long_prompt, 8)
+        chunked = await complete(served, chat_model, long_prompt, 8)
     finally:
         scheduler.prefill_chunk_tokens = chunk
-    whole = await complete(served, long_prompt, 8)
+    whole = await complete(served, chat_model, long_prompt, 8)
     assert chunked == whole
 
 
@@ -99,7 +104,8 @@ async def test_kv_budget_makes_requests_wait_instead_of_overflowing(
                 await asyncio.sleep(0.001)
 
         watcher = asyncio.ensure_future(watch())
-        replies = await asyncio.gather(*[complete(served, PROMPTS[1], 30) for _ in range(8)])
+        replies = await asyncio.gather(*[complete(served, "tiny-chat", PROMPTS[1], 30)
+                                         for _ in range(8)])
         watcher.cancel()
         assert len(set(replies)) == 1  # all finished, and identical (greedy, same prompt)
         # 10 prompt tokens per row, more once decoding: at most 6 rows fit, never all 8.

@@ -35,12 +35,14 @@ async def test_chat_completion_with_alias_counts_usage_exactly(
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
 
 
-async def test_streamed_text_equals_plain_text_at_temperature_zero(served: Served) -> None:
+async def test_streamed_text_equals_plain_text_at_temperature_zero(
+    served: Served, chat_model: str
+) -> None:
     plain = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=24, temperature=0
+        model=chat_model, messages=USER, max_tokens=24, temperature=0
     )
     stream = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=24, temperature=0,
+        model=chat_model, messages=USER, max_tokens=24, temperature=0,
         stream=True, stream_options={"include_usage": True},
     )
     pieces, finishes, usage = [], [], None
@@ -59,41 +61,43 @@ async def test_streamed_text_equals_plain_text_at_temperature_zero(served: Serve
     assert usage.prompt_tokens == plain.usage.prompt_tokens
 
 
-async def test_stream_without_usage_option_sends_no_usage(served: Served) -> None:
+async def test_stream_without_usage_option_sends_no_usage(served: Served, chat_model: str) -> None:
     stream = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=4, temperature=0, stream=True
+        model=chat_model, messages=USER, max_tokens=4, temperature=0, stream=True
     )
     chunks = [chunk async for chunk in stream]
     assert all(chunk.usage is None for chunk in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
 
 
-async def test_stop_string_is_trimmed_and_finishes_with_stop(served: Served) -> None:
+async def test_stop_string_is_trimmed_and_finishes_with_stop(
+    served: Served, chat_model: str
+) -> None:
     base = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=30, temperature=0,
+        model=chat_model, messages=USER, max_tokens=30, temperature=0,
         extra_body={"ignore_eos": True},
     )
     text = base.choices[0].message.content or ""
     stop = text[10:13]
     assert len(stop) == 3
     cut = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=30, temperature=0, stop=[stop, "\x00never"],
+        model=chat_model, messages=USER, max_tokens=30, temperature=0, stop=[stop, "\x00never"],
         extra_body={"ignore_eos": True},
     )
     assert cut.choices[0].message.content == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     streamed = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=30, temperature=0, stop=stop, stream=True,
+        model=chat_model, messages=USER, max_tokens=30, temperature=0, stop=stop, stream=True,
         extra_body={"ignore_eos": True},
     )
     joined = "".join([c.choices[0].delta.content or "" async for c in streamed if c.choices])
     assert joined == text[: text.index(stop)]
 
 
-async def test_seed_makes_sampling_reproducible(served: Served) -> None:
+async def test_seed_makes_sampling_reproducible(served: Served, chat_model: str) -> None:
     async def sample(seed: int) -> str:
         reply = await served.openai.chat.completions.create(
-            model="tiny-chat", messages=USER, max_tokens=16, temperature=1.0, top_p=0.95,
+            model=chat_model, messages=USER, max_tokens=16, temperature=1.0, top_p=0.95,
             seed=seed, extra_body={"ignore_eos": True, "top_k": 50},
         )
         return reply.choices[0].message.content or ""
@@ -104,26 +108,26 @@ async def test_seed_makes_sampling_reproducible(served: Served) -> None:
     assert others != {first}
 
 
-async def test_n_choices_and_penalties(served: Served) -> None:
+async def test_n_choices_and_penalties(served: Served, chat_model: str) -> None:
     reply = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=8, n=3, temperature=0.9, seed=1,
+        model=chat_model, messages=USER, max_tokens=8, n=3, temperature=0.9, seed=1,
         presence_penalty=0.5, frequency_penalty=0.5, extra_body={"ignore_eos": True},
     )
     assert [c.index for c in reply.choices] == [0, 1, 2]
     assert reply.usage is not None and reply.usage.completion_tokens == 24
 
 
-async def test_unknown_fields_are_ignored(served: Served) -> None:
+async def test_unknown_fields_are_ignored(served: Served, chat_model: str) -> None:
     reply = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_completion_tokens=3, temperature=0,
+        model=chat_model, messages=USER, max_completion_tokens=3, temperature=0,
         parallel_tool_calls=False, extra_body={"brand_new_field": {"x": 1}, "ignore_eos": True},
     )
     assert reply.usage is not None and reply.usage.completion_tokens == 3
 
 
-async def test_text_completion_plain_list_and_stream(served: Served) -> None:
+async def test_text_completion_plain_list_and_stream(served: Served, chat_model: str) -> None:
     plain = await served.openai.completions.create(
-        model="gpt-3.5-turbo-instruct", prompt="The quick brown fox", max_tokens=10,
+        model=chat_model, prompt="The quick brown fox", max_tokens=10,
         temperature=0, extra_body={"ignore_eos": True},
     )
     assert plain.object == "text_completion"
@@ -131,7 +135,7 @@ async def test_text_completion_plain_list_and_stream(served: Served) -> None:
     assert plain.usage is not None and plain.usage.completion_tokens == 10
 
     listed = await served.openai.completions.create(
-        model="tiny-chat", prompt=["The quick brown fox", "Hello world"], max_tokens=5,
+        model=chat_model, prompt=["The quick brown fox", "Hello world"], max_tokens=5,
         temperature=0, extra_body={"ignore_eos": True},
     )
     assert [c.index for c in listed.choices] == [0, 1]
@@ -139,7 +143,7 @@ async def test_text_completion_plain_list_and_stream(served: Served) -> None:
     assert listed.usage is not None and listed.usage.completion_tokens == 10
 
     stream = await served.openai.completions.create(
-        model="tiny-chat", prompt="The quick brown fox", max_tokens=10, temperature=0,
+        model=chat_model, prompt="The quick brown fox", max_tokens=10, temperature=0,
         stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )
     text, usage = "", None
@@ -151,15 +155,15 @@ async def test_text_completion_plain_list_and_stream(served: Served) -> None:
     assert usage is not None and usage.completion_tokens == 10
 
 
-async def test_completion_echo_and_token_prompt(served: Served, tiny_chat_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
-    ids = tokenizer("Hello world").input_ids
+async def test_completion_echo_and_token_prompt(served: Served, chat_model: str) -> None:
+    backend = (await served.app.state.engine.manager.load(chat_model)).adapter
+    ids = backend.tokenize("Hello world")
     by_text = await served.openai.completions.create(
-        model="tiny-chat", prompt="Hello world", max_tokens=4, temperature=0, echo=True,
+        model=chat_model, prompt="Hello world", max_tokens=4, temperature=0, echo=True,
         extra_body={"ignore_eos": True},
     )
     by_ids = await served.openai.completions.create(
-        model="tiny-chat", prompt=ids, max_tokens=4, temperature=0,
+        model=chat_model, prompt=ids, max_tokens=4, temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert by_text.choices[0].text.startswith("Hello world")
@@ -167,29 +171,31 @@ async def test_completion_echo_and_token_prompt(served: Served, tiny_chat_dir: P
 
 
 @pytest.mark.parametrize("role", ["system", "developer"])
-async def test_system_roles_are_accepted(served: Served, role: str) -> None:
+async def test_system_roles_are_accepted(served: Served, chat_model: str, role: str) -> None:
     reply = await served.openai.chat.completions.create(
-        model="tiny-chat", max_tokens=2, temperature=0,
+        model=chat_model, max_tokens=2, temperature=0,
         messages=[{"role": role, "content": "Be brief."},  # type: ignore[misc, list-item]
                   {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
     )
     assert reply.choices[0].message.content is not None
 
 
-async def test_closing_a_stream_stops_its_work_and_frees_the_lease(served: Served) -> None:
+async def test_closing_a_stream_stops_its_work_and_frees_the_lease(
+    served: Served, chat_model: str
+) -> None:
     engine = served.app.state.engine
     request = GenerationRequest(
-        model="tiny-chat", prompt="Hello world",
+        model=chat_model, prompt="Hello world",
         params=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
     )
     events = engine.stream(request)
     first = await anext(events)
     assert isinstance(first, TextDelta | ChoiceFinished)
     await events.aclose()  # what a client disconnect does to the response generator
-    slot = engine.manager.slot("tiny-chat")
+    slot = engine.manager.slot(chat_model)
     assert slot.leases == 0 and slot.runner.pending == 0
     reply = await served.openai.chat.completions.create(
-        model="tiny-chat", messages=USER, max_tokens=2
+        model=chat_model, messages=USER, max_tokens=2
     )
     assert reply.choices
 

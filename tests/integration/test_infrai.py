@@ -77,7 +77,9 @@ async def ai(make_settings: Callable[..., Settings]) -> AsyncIterator[Served]:
     """The seed's image example asks for 1024x1024: the tiny model is allowed that size."""
     settings = make_settings(
         fetch_allow_private=True, job_workers=2,
-        models=[{"id": "tiny-diffusion", "options": TINY_DIFFUSION_OPTIONS}],
+        models=[{"id": "tiny-diffusion", "options": TINY_DIFFUSION_OPTIONS},
+                # Routing here picks among the tiny models: the real GGUF is not installed.
+                {"id": "smollm2-llama", "source": "package:no_such_package"}],
     )
     async with serve_in_process(settings) as served:
         yield served
