@@ -5,6 +5,7 @@ compute thread through each model's `Batcher`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -87,13 +88,16 @@ async def transcribe_stream(
                     yield segment
             windows = [replace(window, language=language) for window in windows[1:]]
         index = 0
-        async for decoded in runner.stream(windows):
-            language = language or decoded.language
-            async for result in _decoded(runner, adapter, prepared, windows[index], decoded):
-                for segment in _segments(result, next_id):
-                    next_id += 1
-                    yield segment
-            index += 1
+        # aclosing: a reader that stops early withdraws the queued windows now, not at GC.
+        async with contextlib.aclosing(runner.stream(windows)) as stream:
+            async for decoded in stream:
+                language = language or decoded.language
+                async for result in _decoded(runner, adapter, prepared, windows[index],
+                                             decoded):
+                    for segment in _segments(result, next_id):
+                        next_id += 1
+                        yield segment
+                index += 1
         metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(prepared.duration)
         yield TranscriptionInfo(language=language or "en", duration=prepared.duration)
 
@@ -142,11 +146,12 @@ async def speak(manager: ModelManager, request: SpeechRequest) -> AsyncIterator[
                 utterances = batch if batch is not None else await rest
                 if not utterances:
                     continue
-                async for samples in runner.stream(utterances):
-                    spoken = True
-                    seconds = len(samples) / adapter.sample_rate
-                    metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(seconds)
-                    yield SpeechChunk(samples, adapter.sample_rate)
+                async with contextlib.aclosing(runner.stream(utterances)) as stream:
+                    async for samples in stream:
+                        spoken = True
+                        seconds = len(samples) / adapter.sample_rate
+                        metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(seconds)
+                        yield SpeechChunk(samples, adapter.sample_rate)
             if not spoken:
                 raise InvalidRequestError("input has nothing to pronounce", param="input")
         finally:
