@@ -477,7 +477,10 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
     torch.set_num_threads(args.threads)
     port = free_port()
     progress.step(f"starting the server on port {port} (log: {log})")
-    server = start_server(port, args.threads, log_file)
+    # Server overhead over the same library: the chat model stays on transformers here
+    # (`ember bench chat_backends` compares llama.cpp against it).
+    server = start_server(port, args.threads, log_file, env={
+        "EMBER_MODELS": json.dumps([{"id": CHAT_MODEL, "backend": "transformers"}])})
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
             # Load the baselines while the server loads: load time is not measured.
