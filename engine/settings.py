@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch's default")
     llama_threads: int = Field(
-        0, ge=0, description="llama.cpp threads per chat model; 0 = every core"
+        0, ge=0, description="llama.cpp threads per chat model; 0 = every core but one"
     )
 
     idle_ttl_s: float = Field(0, ge=0, description="unload a model idle this long; 0 = never")

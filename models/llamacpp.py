@@ -121,6 +121,13 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """Every core but one: llama.cpp's threads meet at a barrier after each op, so one that
+    shares its core with the HTTP server's event loop stalls them all (measured on 2 cores:
+    2 threads under load fell to a fraction of 1 thread's speed)."""
+    return max(1, _usable_cores() - 1)
+
+
 def _raise_template_error(message: str) -> None:
     """Templates call raise_exception() for conversations they cannot render."""
     raise jinja2.exceptions.TemplateError(message)
@@ -174,7 +181,7 @@ class LlamaCppChat(ModelAdapter):
         flash_attention = self._flash_attention()
         self._kv_unified = bool(self.entry.options.get("kv_unified", False))
         init_llama_cpp()
-        threads = self.context.threads or _usable_cores()
+        threads = self.context.threads or default_threads()
         on_gpu = self.context.device.startswith("cuda")
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 999 if on_gpu else 0
