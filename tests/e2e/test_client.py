@@ -183,7 +183,7 @@ async def test_the_same_calls_through_async_ember(examples: ExampleRuns, ember_u
             assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
         async def streams() -> None:
-            messages = [{"role": "user", "content": "What is the capital of France?"}]
+            messages = [{"role": "user", "content": "Which city is the capital of France?"}]
             whole = await inference.chat_completion(
                 model="gpt-4o-mini", messages=messages, temperature=0, max_tokens=30)
             chunks: list[StreamChunk] = [c async for c in await inference.chat_completion(

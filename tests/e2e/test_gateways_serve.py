@@ -37,7 +37,7 @@ def api(base: str, token: str) -> quantcdn.AIInferenceApi:
 def test_quantcdn_client_chat_stream_and_embeddings(server: str) -> None:
     client = api(server, "acme-key")
     request = quantcdn.ChatInferenceRequest.from_dict({
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [{"role": "user", "content": "Which city is the capital of France?"}],
         "modelId": "amazon.nova-lite-v1:0", "maxTokens": 24, "temperature": 0,
     })
     assert request is not None
@@ -60,7 +60,7 @@ def test_quantcdn_client_chat_stream_and_embeddings(server: str) -> None:
 
 def test_infrai_chat_and_embed(server: str) -> None:
     reply = httpx.post(f"{server}/v1/ai/chat", json={
-        "messages": "What is the capital of France?", "max_tokens": 24, "temperature": 0,
+        "messages": "Which city is the capital of France?", "max_tokens": 24, "temperature": 0,
         "prefer": "cheapest",
     }, timeout=120).json()
     assert "Paris" in reply["content"], reply
