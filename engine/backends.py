@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engine.errors import ModelLoadError
 from engine.registry import ModelEntry
-from engine.sources import assemble
+from engine.sources import gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,6 @@ class BackendChoice:
     adapter: str  # import path of the adapter class to load
     backend: str | None  # "llama.cpp" or "transformers" for chat models, else None
     note: str | None = None  # why `auto` did not pick llama.cpp
-
-
-def gguf_path(entry: ModelEntry, models_dir: Path) -> Path | None:
-    """The entry's GGUF file on disk (parts joined first), or None if it is not GGUF."""
-    if entry.gguf_file:
-        return assemble(entry, models_dir) / entry.gguf_file
-    if entry.source.endswith(".gguf"):
-        return Path(entry.source).expanduser()
-    return None
 
 
 def _llama_cpp_problem(path: Path, models_dir: Path) -> str | None:

@@ -132,6 +132,15 @@ def assemble(entry: ModelEntry, models_dir: Path) -> Path:
     return target
 
 
+def gguf_path(entry: ModelEntry, models_dir: Path) -> Path | None:
+    """The entry's GGUF file on disk (parts joined first), or None if it is not GGUF."""
+    if entry.gguf_file:
+        return assemble(entry, models_dir) / entry.gguf_file
+    if entry.source.endswith(".gguf"):
+        return assemble(entry, models_dir)
+    return None
+
+
 def is_installed(entry: ModelEntry) -> bool:
     try:
         resolve_source(entry)

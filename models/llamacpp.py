@@ -33,7 +33,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.registry import ModelEntry
-from engine.sources import assemble
+from engine.sources import gguf_path
 from engine.types import ChatMessage
 from models.base import LoadContext, ModelAdapter
 
@@ -170,9 +170,8 @@ class LlamaCppChat(ModelAdapter):
     # -- loading -----------------------------------------------------------------------------
 
     def gguf_path(self) -> Path:
-        if self.entry.gguf_file:
-            return assemble(self.entry, self.context.models_dir) / self.entry.gguf_file
-        return Path(assemble(self.entry, self.context.models_dir))
+        path = gguf_path(self.entry, self.context.models_dir)
+        return path if path is not None else Path(self.entry.source)
 
     def load(self) -> None:
         path = self.gguf_path()
