@@ -26,9 +26,10 @@ Then raw llama.cpp's own decode steps of 1 and of 16 tokens (`Llama.eval`), inte
 much a 16-sequence step gains over a 1-sequence one on this build and CPU, the ceiling of the
 next part. Last, on the llama.cpp server alone: 1 and 16 streaming clients
 (benchmarks/sweep.py's run_level: back-to-back requests, lengths spread over 0.5-1.5x the
-mean, 48-144 tokens), alternating 1, 16, 1, 16 for a fixed window per level (30 s; the 16
-clients' first prompts arrive at once, so the window holds their ramp-up too); aggregate
-output tok/s and TTFT p50.
+mean, 48-144 tokens), alternating 1, 16, 1, 16 for a fixed window per level (30 s) after a
+warm-up (15 s) over which the clients start one by one and which does not count: the window
+measures 16 clients in steady state, where a new prompt joins 15 decoding streams, not 16
+first prompts landing in the same instant; aggregate output tok/s and TTFT p50.
 
 Goals (medians over rounds): ember llama.cpp ÷ raw llama.cpp decode tok/s ≥ 0.9; ember
 llama.cpp ÷ ember transformers ≥ 2.5; 16 clients ÷ 1 client aggregate tok/s ≥ 6; TTFT p50
@@ -91,6 +92,9 @@ TOKENS = 128
 N_CTX = 2048
 LOAD_CLIENTS = 16
 LOAD_MEAN_TOKENS = 96  # sweep's lengths: 0.5-1.5x the mean, so 48-144 tokens
+# Clients start one by one over this before a level's window opens (about one request's
+# length at 16 clients), so the window sees steady arrivals.
+LOAD_WARMUP_S = 15.0
 EVAL_STEPS = 16
 LEVEL_PAUSE_S = 1.0  # lets the server finish cancelling a level's cut-off streams
 
@@ -106,6 +110,7 @@ class ChatBackendsReport:
     tokens: int
     rounds: int
     seconds_per_level: float
+    warmup_s: float = 0.0
     served: dict[str, dict[str, Any]] = field(default_factory=dict)  # side -> /v1/models
     chat: dict[str, list[ChatSample]] = field(default_factory=dict)
     levels: list[Level] = field(default_factory=list)  # in the order they ran
@@ -250,7 +255,8 @@ def render(report: ChatBackendsReport) -> str:
     ]
     if report.levels:
         lines += [
-            "", f"Load on ember llama.cpp, {report.seconds_per_level:.0f} s per level, clients "
+            "", f"Load on ember llama.cpp, {report.seconds_per_level:.0f} s per level after a "
+            f"{report.warmup_s:.0f} s warm-up (clients starting one by one; not counted), clients "
             f"streaming back to back, {LOAD_MEAN_TOKENS // 2}-{LOAD_MEAN_TOKENS * 3 // 2} "
             "tokens per request (temperature 0.7, seeded, `ignore_eos`), levels in the order "
             "they ran; ratios use the median over the runs of each level:", "",
@@ -451,7 +457,7 @@ def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> Chat
     report = ChatBackendsReport(
         machine=describe_machine(args.threads, resolve_dtype(settings.dtype, device), device),
         llama_cpp=metadata.version("llama_cpp_python"), gguf=path.name, tokens=TOKENS,
-        rounds=args.rounds, seconds_per_level=args.seconds)
+        rounds=args.rounds, seconds_per_level=args.seconds, warmup_s=args.warmup)
 
     with ExitStack() as stack:
         clients: dict[str, httpx.Client] = {}
@@ -494,14 +500,14 @@ def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> Chat
         for clients_now in level_order(args.repeats):
             report.levels.append(progress.run(
                 f"{EMBER_LLAMA} load: {clients_now} streaming clients for {args.seconds:.0f} s",
-                partial(load_level, port, clients_now, args.seconds), show_level))
+                partial(load_level, port, clients_now, args.seconds, args.warmup), show_level))
             time.sleep(LEVEL_PAUSE_S)
         report.other_cpu_share = watch.other_share_now()
     return report
 
 
-def load_level(port: int, clients: int, seconds: float) -> Level:
-    return asyncio.run(run_level(port, clients, seconds, LOAD_MEAN_TOKENS))
+def load_level(port: int, clients: int, seconds: float, warmup_s: float) -> Level:
+    return asyncio.run(run_level(port, clients, seconds, LOAD_MEAN_TOKENS, warmup_s))
 
 
 def show_level(level: Level) -> str:
@@ -525,6 +531,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="threads for every side (default: all cores)")
     parser.add_argument("--rounds", type=int, help="interleaved chat rounds")
     parser.add_argument("--seconds", type=float, help="length of each load level")
+    parser.add_argument("--warmup", type=float,
+                        help="seconds over which a level's clients start, before its window")
     parser.add_argument("--repeats", type=int,
                         help="runs of each load level (1, 16, 1, 16, ...); 0: none")
     args = parser.parse_args(argv)
@@ -534,6 +542,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seconds = 6.0 if args.quick else 30.0
     if args.repeats is None:
         args.repeats = 2
+    if args.warmup is None:
+        args.warmup = 3.0 if args.quick else LOAD_WARMUP_S
     return args
 
 

@@ -91,7 +91,8 @@ class Level:
         """Over requests that finished (TTFT: over every request that got a first token)."""
         timings = self.timings if attribute == "ttft_s" else [
             t for t in self.timings if t.completed]
-        values = sorted(getattr(t, attribute) for t in timings)
+        # NaN: not measured (a TTFT that fell in the warm-up).
+        values = sorted(v for t in timings if (v := getattr(t, attribute)) == v)
         return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else 0.0
 
     @property
@@ -131,10 +132,12 @@ def chat_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
 
 
 async def stream_one(
-    conn: Connection, prompt: str, tokens: int, seed: int, deadline: float
+    conn: Connection, prompt: str, tokens: int, seed: int, deadline: float,
+    measure_from: float = 0.0,
 ) -> RequestTiming:
     """One streamed request; stops reading at `deadline` (the caller then drops the
-    connection, which cancels the rest on the server)."""
+    connection, which cancels the rest on the server). Only tokens after `measure_from`
+    count, and a TTFT only when the request started after it (else NaN)."""
     started = time.perf_counter()
     times: list[float] = []
     completed = True
@@ -148,24 +151,32 @@ async def stream_one(
             break
         if any(c.get("delta", {}).get("content") for c in frame.get("choices", [])):
             times.append(now)
+    ttft = times[0] - started if times and started >= measure_from else float("nan")
+    times = [t for t in times if t >= measure_from]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    ttft = times[0] - started if times else float("nan")
     return RequestTiming(ttft, time.perf_counter() - started, len(times), gaps, completed)
 
 
 LOAD_ERRORS = (HTTPError, RuntimeError, OSError, asyncio.IncompleteReadError)
 
 
-async def run_level(port: int, concurrency: int, seconds: float, tokens: int) -> Level:
+async def run_level(port: int, concurrency: int, seconds: float, tokens: int,
+                    warmup_s: float = 0.0) -> Level:
     """C clients issue requests back to back for `seconds`; tokens that arrive within the
-    window count, so the rate is a steady state, not a ramp-down with fewer clients left."""
+    window count, so the rate is a steady state, not a ramp-down with fewer clients left.
+
+    With `warmup_s`, the clients start one by one over that time first (client i after
+    i * warmup_s / C) and nothing from it counts: the window then measures the steady
+    state of C clients, not C first prompts arriving in the same instant."""
     timings: list[RequestTiming] = []
     errors = 0
     started = time.perf_counter()
-    deadline = started + seconds
+    measure_from = started + warmup_s
+    deadline = measure_from + seconds
 
     async def client_loop(index: int) -> None:
         nonlocal errors
+        await asyncio.sleep(index * warmup_s / concurrency)
         request = 0
         while time.perf_counter() < deadline:
             async with Connection("127.0.0.1", port) as conn:
@@ -175,7 +186,7 @@ async def run_level(port: int, concurrency: int, seconds: float, tokens: int) ->
                         timing = await stream_one(
                             conn, f"Tell me a story about {topic} (#{index}.{request}).",
                             request_tokens(tokens, index, request), index * 100 + request,
-                            deadline)
+                            deadline, measure_from)
                     except LOAD_ERRORS:
                         errors += 1
                         break  # the connection's state is unknown: open a new one
@@ -186,7 +197,7 @@ async def run_level(port: int, concurrency: int, seconds: float, tokens: int) ->
                         return
 
     await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-    return Level(concurrency, seconds, [t for t in timings if t.ttft_s == t.ttft_s], errors)
+    return Level(concurrency, seconds, timings, errors)
 
 
 def baseline_generate(adapter: TransformersChat, tokens: int, requests: int) -> float:

@@ -96,11 +96,14 @@ class ResponseCache:
         return digest({
             "model": self.registry.resolve(request.model).id, "messages": messages,
             "prompt": request.prompt, "echo": request.echo, "params": asdict(request.params),
+            "constraint": repr(request.constraint),
         })
 
     def applies(self, request: GenerationRequest, policy: CachePolicy) -> bool:
         if policy == "off" or self._store.ttl_s <= 0:
             return False
+        if request.constraint is not None and request.constraint.calls_tools:
+            return False  # calls get fresh ids; a replay would repeat them
         return policy == "always" or request.params.temperature == 0
 
     def lookup(self, key: str) -> GenerationResult | None:
@@ -148,7 +151,7 @@ class ResponseCache:
                     choices[event.index].text += event.text
                 elif isinstance(event, ChoiceFinished):
                     choices[event.index].finish_reason = event.finish_reason
-                else:
+                elif isinstance(event, Usage):
                     self.store(key, GenerationResult(request.model, choices, event))
                 yield event
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from engine.types import ChatMessage
+from engine.types import ChatMessage, ToolSpec
 
 
 @dataclass
@@ -75,10 +75,22 @@ class ChatBackend(Protocol):
     kv_capacity: int  # KV tokens the backend holds, summed over every sequence
     max_sequences: int  # sequences it can hold at once
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> PromptInput:
-        """The chat template applied (generation prompt added) and tokenized. Raises
+    def render_chat(self, messages: Sequence[ChatMessage],
+                    tools: Sequence[ToolSpec] = ()) -> PromptInput:
+        """The chat template applied (generation prompt added) and tokenized, with `tools`
+        in the template's own tool format (engine/tool_calls.py: template_turns). Raises
         UnsupportedFeatureError when the model has no template, InvalidRequestError for
         inputs it cannot take."""
+        ...
+
+    def chat_template(self) -> str | None:
+        """The chat template's source (it says which tool-call format the model speaks)."""
+        ...
+
+    def grammar_tokenizer(self) -> Any:
+        """An llguidance.LLTokenizer over this vocabulary, `vocab_size` wide, for the core's
+        output grammars. Built once per model (about a second); raises
+        UnsupportedFeatureError where the backend cannot give one."""
         ...
 
     def tokenize(self, text: str) -> list[int]:

@@ -28,3 +28,7 @@ BATCH_SECONDS = Histogram(
     "ember_batch_seconds", "Compute time of one batch or decode step", ["model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+GRAMMAR_SECONDS = Histogram(
+    "ember_grammar_compile_seconds", "Output-grammar compile time (a cached one: a copy)",
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)

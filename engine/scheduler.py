@@ -44,6 +44,7 @@ from engine.errors import (
     OverloadedError,
 )
 from engine.sampling import SamplerState, choose_tokens
+from engine.structured import GrammarCompiler, mask_logits
 from engine.text_stream import IncrementalDetokenizer, StopStringMatcher
 from engine.types import (
     ChoiceFinished,
@@ -73,6 +74,8 @@ class SequenceState:
     emitted: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
+    # The grammar the output must follow (an llguidance matcher), advanced token by token.
+    matcher: Any = None
 
 
 @dataclass(eq=False)  # compared by identity
@@ -86,6 +89,7 @@ class ChatJob:
     cancelled: threading.Event
     deadline: float
     reserved_kv: int
+    grammar: Any = None  # a compiled matcher at its start, for every choice to copy
     future: Future[Usage] = field(default_factory=Future)
     prefill_id: int = -1  # the sequence the prompt is prefilled under (choice 0's)
     prefilled: int = 0
@@ -130,6 +134,8 @@ class ChatScheduler:
         self._running: list[tuple[ChatJob, SequenceState]] = []
         self._ids = itertools.count()
         self.steps = 0
+        # Output grammars for this model's vocabulary (compiled by submitters, off this thread).
+        self.grammars = GrammarCompiler(backend.grammar_tokenizer)
         compute.add(self)
 
     # -- submitters (any thread) -------------------------------------------------------------
@@ -158,13 +164,16 @@ class ChatScheduler:
         emit: Callable[[GenerationEvent], None],
         cancelled: threading.Event,
         param: str = "messages",
+        grammar: Any = None,
     ) -> Future[Usage]:
         """Queue a request. Raises a 400-class error if it cannot fit the model (nothing is
-        truncated silently) and OverloadedError (429) when the queue is full."""
+        truncated silently) and OverloadedError (429) when the queue is full. `grammar`: a
+        compiled matcher (engine/structured.py) the output must follow."""
         sampling = self.settle(params)
         max_tokens, reserved = self._fit(prompt, sampling, explicit=params.max_tokens, param=param)
         deadline = time.monotonic() + self.timeout_s if self.timeout_s else float("inf")
-        job = ChatJob(prompt, sampling, max_tokens, emit, cancelled, deadline, reserved)
+        job = ChatJob(prompt, sampling, max_tokens, emit, cancelled, deadline, reserved,
+                      grammar)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise OverloadedError(
@@ -340,8 +349,14 @@ class ChatScheduler:
         ]
         if n > 1:
             self.backend.fork(job.prefill_id, ids[1:])
-        tokens = choose_tokens(np.broadcast_to(row, (n, len(row))),
-                               [seq.sampler for seq in job.sequences])
+        rows: np.ndarray = np.broadcast_to(row, (n, len(row)))
+        if job.grammar is not None:  # each choice its own matcher, and its own masked row
+            for seq in job.sequences:
+                seq.matcher = job.grammar.deep_copy()
+            rows = rows.copy()
+            for seq, masked in zip(job.sequences, rows, strict=True):
+                mask_logits(seq.matcher, masked)
+        tokens = choose_tokens(rows, [seq.sampler for seq in job.sequences])
         for seq in job.sequences:
             self._running.append((job, seq))
         for seq, token in zip(job.sequences, tokens, strict=True):
@@ -352,6 +367,11 @@ class ChatScheduler:
         self, decoded: list[tuple[ChatJob, SequenceState]], logits: np.ndarray
     ) -> None:
         """The sequences decoded this step take their next token."""
+        constrained = [row for row, (_, seq) in enumerate(decoded) if seq.matcher is not None]
+        if constrained and not logits.flags.writeable:
+            logits = logits.copy()
+        for row in constrained:  # by sequence: the row is wherever the plan put it
+            self._guarded(decoded[row][0], mask_logits, decoded[row][1].matcher, logits[row])
         tokens = logits.argmax(axis=1).tolist() if len(logits) else []
         for row, (job, seq) in enumerate(decoded):
             if not seq.sampler.sampling.greedy:  # each alone: a failure fails its own request
@@ -371,7 +391,10 @@ class ChatScheduler:
         seq.completion_tokens += 1
         seq.sampler.record(token)
         seq.next_token = token
-        if token in self.backend.eos_ids and not job.sampling.ignore_eos:
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise RuntimeError(f"the output grammar refused token {token}: "
+                               f"{seq.matcher.get_error()}")
+        if token in self.backend.eos_ids and (not job.sampling.ignore_eos or seq.matcher):
             seq.finish_reason = "stop"
         else:
             before = len(seq.text)
@@ -380,6 +403,8 @@ class ChatScheduler:
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 seq.finish_reason = "stop"
+            elif seq.matcher is not None and seq.matcher.is_stopped():
+                seq.finish_reason = "stop"  # the grammar is complete: nothing may follow
             elif seq.completion_tokens >= job.max_tokens:
                 seq.finish_reason = "length"
         safe = len(seq.text) if seq.finish_reason else seq.stops.safe_length(seq.text)

@@ -10,6 +10,7 @@ import functools
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,8 @@ from engine.registry import Registry
 from engine.routing import Router
 from engine.settings import Settings
 from engine.sources import is_installed
+from engine.structured import constraint_grammar
+from engine.tool_calls import ToolCallParser, detect_format
 from engine.types import (
     Choice,
     ChoiceFinished,
@@ -45,6 +48,8 @@ from engine.types import (
     SpeechChunk,
     SpeechRequest,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
     Transcription,
     TranscriptionInfo,
     TranscriptionRequest,
@@ -72,7 +77,9 @@ async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
 def prompt_input(backend: ChatBackend, request: GenerationRequest) -> PromptInput:
     """A request's prompt, rendered and tokenized by the model's backend."""
     if request.messages is not None:
-        return backend.render_chat(request.messages)
+        constraint = request.constraint
+        tools = constraint.tools if constraint is not None and constraint.calls_tools else ()
+        return backend.render_chat(request.messages, tools)
     if isinstance(request.prompt, str):
         return PromptInput(backend.tokenize(request.prompt), request.prompt)
     ids = list(request.prompt or [])
@@ -83,6 +90,25 @@ def prompt_input(backend: ChatBackend, request: GenerationRequest) -> PromptInpu
             param="prompt",
         )
     return PromptInput(ids, backend.detokenize(ids))
+
+
+def with_tool_calls(parsers: list[ToolCallParser],
+                    event: GenerationEvent) -> list[GenerationEvent]:
+    """A choice's text split into content and tool-call deltas; a finished choice that
+    made calls finishes with "tool_calls"."""
+    if isinstance(event, TextDelta):
+        pieces = parsers[event.index].feed(event.text)
+    elif isinstance(event, ChoiceFinished):
+        parser = parsers[event.index]
+        pieces = parser.finish()
+        reason = event.finish_reason
+        if parser.calls and reason == "stop":
+            event = ChoiceFinished(event.index, "tool_calls")
+    else:
+        return [event]
+    out: list[GenerationEvent] = [TextDelta(event.index, p) if isinstance(p, str) else p
+                                  for p in pieces]
+    return [*out, event] if isinstance(event, ChoiceFinished) else out
 
 
 def request_chars(request: GenerationRequest) -> int:
@@ -203,14 +229,30 @@ class Engine:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
             param = "messages" if request.messages is not None else "prompt"
-            future = runner.submit(prompt, request.params, emit, cancelled, param)
+            grammar, tool_format = None, None
+            if request.constraint is not None:
+                tool_format = detect_format(backend.chat_template())
+                source = constraint_grammar(request.constraint, tool_format)
+                if source is not None:
+                    started = time.perf_counter()
+                    grammar = await asyncio.to_thread(runner.grammars.compile, source,
+                                                      request.constraint.param)
+                    metrics.GRAMMAR_SECONDS.observe(time.perf_counter() - started)
+            future = runner.submit(prompt, request.params, emit, cancelled, param, grammar)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _DONE))
             try:
                 if request.echo:
                     for index in range(request.params.n):
                         yield TextDelta(index, prompt.text)
+                parsers = ([ToolCallParser(i, tool_format) for i in range(request.params.n)]
+                           if tool_format is not None and request.constraint is not None
+                           and request.constraint.calls_tools else None)
                 while (event := await queue.get()) is not _DONE:
-                    yield event
+                    if parsers is None:
+                        yield event
+                    else:
+                        for parsed in with_tool_calls(parsers, event):
+                            yield parsed
                 usage: Usage = future.result()
                 metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(usage.prompt_tokens)
                 metrics.GENERATED_TOKENS.labels(slot.entry.id).inc(usage.completion_tokens)
@@ -224,14 +266,21 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self._check_generation(request)
         choices = [Choice(index=i) for i in range(request.params.n)]
+        calls: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> id, name, arguments
         usage = Usage(0, 0)
         async for event in self.stream(request):
             if isinstance(event, TextDelta):
                 choices[event.index].text += event.text
+            elif isinstance(event, ToolCallDelta):
+                call = calls.setdefault((event.index, event.call),
+                                        [event.id or "", event.name or "", ""])
+                call[2] += event.arguments
             elif isinstance(event, ChoiceFinished):
                 choices[event.index].finish_reason = event.finish_reason
             else:
                 usage = event
+        for (index, _), (call_id, name, arguments) in sorted(calls.items()):
+            choices[index].tool_calls.append(ToolCall(call_id, name, arguments))
         return GenerationResult(model=request.model, choices=choices, usage=usage)
 
     # -- embeddings --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 @dataclass
@@ -21,12 +21,23 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made: `arguments` is the JSON text of its arguments."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
     # Only for messages with images: text (str) and images in the caller's order. `content`
     # is then the text parts joined.
     parts: tuple[str | ImageInput, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @property
     def images(self) -> list[ImageInput]:
@@ -98,6 +109,44 @@ class Sampling:
         return self.temperature == 0 and not self.penalized
 
 
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is its arguments' JSON Schema."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
+
+
+# "auto" (text or calls), "none" (never a call), "required" (at least one call), or the name
+# of the one function that must be called.
+ToolChoice = str
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output: any JSON object, or JSON valid against `schema`."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: Mapping[str, Any] | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must be, as the dialect asked; `param` names the field for errors."""
+
+    response_format: ResponseFormat | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    param: str = "response_format"
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+
 @dataclass
 class GenerationRequest:
     """A chat (messages) or a text completion (prompt text or token ids)."""
@@ -108,6 +157,7 @@ class GenerationRequest:
     prompt: str | list[int] | None = None
     echo: bool = False
     request_id: str = ""
+    constraint: OutputConstraint | None = None
 
     def images(self) -> list[ImageInput]:
         return [image for m in self.messages or [] for image in m.images]
@@ -117,6 +167,18 @@ class GenerationRequest:
 class TextDelta:
     index: int
     text: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """Part of a tool call of choice `index`: the first one of call `call` carries its id and
+    name, later ones pieces of its arguments."""
+
+    index: int
+    call: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,7 +197,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-GenerationEvent = TextDelta | ChoiceFinished | Usage
+GenerationEvent = TextDelta | ToolCallDelta | ChoiceFinished | Usage
 
 
 @dataclass
@@ -143,6 +205,7 @@ class Choice:
     index: int
     text: str = ""
     finish_reason: FinishReason | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass

@@ -23,14 +23,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
 from engine.errors import ModelLoadError, UnsupportedFeatureError
 from engine.sources import assemble, file_fingerprint
-from engine.types import ChatMessage
+from engine.tool_calls import detect_format, template_turns, tool_schemas
+from engine.types import ChatMessage, ToolSpec
 from models.base import ModelAdapter, thread_safe_encoder
 from models.chat_batching import KVBlock, concat_blocks, positions_from_mask, select_rows
 
 log = logging.getLogger(__name__)
 
-# Roles a chat template knows; "developer" is OpenAI's newer name for "system".
-_ROLE_FOR_TEMPLATE = {"developer": "system"}
 
 
 @dataclass
@@ -138,17 +137,29 @@ class TransformersChat(ModelAdapter):
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> PromptInput:
+    def render_chat(self, messages: Sequence[ChatMessage],
+                    tools: Sequence[ToolSpec] = ()) -> PromptInput:
         if not self.tokenizer.chat_template:
             raise UnsupportedFeatureError(
                 f"{self.entry.id!r} has no chat template; use /v1/completions with a prompt",
                 param="model",
             )
-        turns = [{"role": _ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": m.content}
-                 for m in messages]
-        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True,
-                                                  tokenize=False)
+        fmt = detect_format(self.chat_template())
+        turns = template_turns(messages, tools, fmt)
+        text = self.tokenizer.apply_chat_template(
+            turns, tools=tool_schemas(tools) if tools and fmt.native else None,
+            add_generation_prompt=True, tokenize=False)
         return PromptInput(self._encoder.encode(text, add_special_tokens=False).ids, text)
+
+    def chat_template(self) -> str | None:
+        template = self.tokenizer.chat_template
+        return template if isinstance(template, str) else None
+
+    def grammar_tokenizer(self) -> Any:
+        import llguidance.hf  # with structured output only
+
+        return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                            eos_token=sorted(self.eos_ids))
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._encoder.encode(text, add_special_tokens=True).ids)

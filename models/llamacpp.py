@@ -1,10 +1,11 @@
 """Chat and text completion on llama.cpp: the `ChatBackend` (engine/chat_backend.py) over a
 GGUF file's own quantized weights, through llama-cpp-python's low-level ctypes API.
 
-One llama context holds every running sequence in one unified KV cache (so forking a prompt
-for `n` choices shares its cells instead of copying them); each step is one `llama_batch`
-with every prefill chunk and decode token, decoded in one `llama_decode`. The core owns
-sampling, stop strings and everything else, as with the transformers backend.
+One llama context holds every running sequence, each in its own KV stream (a slot of
+kv_cache_tokens / max_sequences cells; `options: {kv_unified: true}` pools them instead);
+each step is one `llama_batch` with every prefill chunk and decode token, in one
+`llama_decode`. The core owns sampling, stop strings and everything else, as with the
+transformers backend.
 
 Whether this build of llama.cpp runs at all on this CPU is decided before it is loaded, in a
 child process (models/llamacpp_check.py): a native crash must never take the server down.
@@ -34,13 +35,11 @@ from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.registry import ModelEntry
 from engine.sources import gguf_path
-from engine.types import ChatMessage
+from engine.tool_calls import detect_format, template_turns, tool_schemas
+from engine.types import ChatMessage, ToolSpec
 from models.base import LoadContext, ModelAdapter
 
 log = logging.getLogger(__name__)
-
-# Roles a chat template knows; "developer" is OpenAI's newer name for "system".
-_ROLE_FOR_TEMPLATE = {"developer": "system"}
 
 # GGUF sampling metadata (general.sampling.*) -> SamplingParams field, and its type.
 _SAMPLING_METADATA: dict[str, tuple[str, type]] = {
@@ -267,6 +266,7 @@ class LlamaCppChat(ModelAdapter):
         self._eos_text = self._special_text(int(llama_cpp.llama_vocab_eos(vocab)))
         template = llama_cpp.llama_model_chat_template(self.model, None)
         self._template = None
+        self._template_source = template.decode("utf-8", "replace") if template else None
         self._template_problem = "has no chat template"
         if template:
             try:
@@ -331,22 +331,37 @@ class LlamaCppChat(ModelAdapter):
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> PromptInput:
+    def render_chat(self, messages: Sequence[ChatMessage],
+                    tools: Sequence[ToolSpec] = ()) -> PromptInput:
         if self._template is None:
             raise UnsupportedFeatureError(
                 f"{self.entry.id!r} {self._template_problem}; use /v1/completions with a prompt",
                 param="model",
             )
-        turns = [{"role": _ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": m.content}
-                 for m in messages]
+        fmt = detect_format(self._template_source)
+        turns = template_turns(messages, tools, fmt)
+        extra = {"tools": tool_schemas(tools)} if tools and fmt.native else {}
         try:
             text = self._template.render(messages=turns, add_generation_prompt=True,
-                                         bos_token=self._bos_text, eos_token=self._eos_text)
+                                         bos_token=self._bos_text, eos_token=self._eos_text,
+                                         **extra)
         except jinja2.exceptions.TemplateError as exc:
             raise InvalidRequestError(f"{self.entry.id!r} cannot take these messages: {exc}",
                                       param="messages") from exc
         # The template writes BOS itself where the model wants one.
         return PromptInput(self._tokenize(text, add_special=False, parse_special=True), text)
+
+    def chat_template(self) -> str | None:
+        return self._template_source
+
+    def grammar_tokenizer(self) -> Any:
+        from llguidance.llamacpp import lltokenizer_from_vocab  # structured output only
+
+        with self._vocab_lock:
+            if self._vocab is None:
+                raise RuntimeError(f"{self.entry.id!r} is not loaded")
+            return lltokenizer_from_vocab(self._vocab, n_vocab=self.vocab_size,
+                                          eos_token=sorted(self.eos_ids))
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenize(text, add_special=True, parse_special=False)
@@ -418,13 +433,14 @@ class LlamaCppChat(ModelAdapter):
                                "prefilled") from None
 
     def execute(self, plan: StepPlan) -> np.ndarray:
-        """Every prefill chunk and decode token in one batch (several llama_decode calls only
-        when it outgrows n_batch); logits rows in plan.logit_seq_ids() order, which is the
-        order of the batch's logit-bearing tokens."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        wants_logits: list[bool] = []
+        """Every prefill chunk and decode token in one batch, ordered by slot; logits rows in
+        plan.logit_seq_ids() order.
+
+        With one KV stream per sequence, llama.cpp cuts a batch into micro-batches of
+        consecutive slots holding equal token counts, so a batch in slot order over dense
+        slots (see release) decodes every sequence's next token in one micro-batch; in plan
+        order, or over gapped slots, it would run one micro-batch per run of slots."""
+        entries: list[tuple[int, list[int], int, bool]] = []  # slot, tokens, start, logits
         for chunk in plan.prefill:
             if chunk.extras is not None:
                 raise UnsupportedFeatureError(
@@ -435,22 +451,35 @@ class LlamaCppChat(ModelAdapter):
                 raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})",
                                           param="prompt")
             slot = self._new_slot(chunk.seq_id) if chunk.start == 0 else self._slot(chunk.seq_id)
-            count = len(chunk.tokens)
-            tokens += chunk.tokens
-            positions += range(chunk.start, chunk.start + count)
-            slots += [slot] * count
-            wants_logits += [False] * (count - 1) + [chunk.last]
+            entries.append((slot, chunk.tokens, chunk.start, chunk.last))
         for step in plan.decode:
-            tokens.append(step.token)
-            positions.append(step.position)
-            slots.append(self._slot(step.seq_id))
-            wants_logits.append(True)
+            entries.append((self._slot(step.seq_id), [step.token], step.position, True))
+        # Rows come back in batch order; plan_row[k] is the plan's row of the k-th of them.
+        plan_rows = np.cumsum([wants for *_, wants in entries]) - 1
+        in_batch_order = sorted(range(len(entries)), key=lambda index: entries[index][0])
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        wants_logits: list[bool] = []
+        plan_row: list[int] = []
+        for index in in_batch_order:
+            slot, chunk_tokens, start, wants = entries[index]
+            count = len(chunk_tokens)
+            tokens += chunk_tokens
+            positions += range(start, start + count)
+            slots += [slot] * count
+            wants_logits += [False] * (count - 1) + [wants]
+            if wants:
+                plan_row.append(int(plan_rows[index]))
         rows = [self._decode(tokens[i:i + self._n_batch], positions[i:i + self._n_batch],
                              slots[i:i + self._n_batch], wants_logits[i:i + self._n_batch])
                 for i in range(0, len(tokens), self._n_batch)]
         if not rows:
             return np.empty((0, self.vocab_size), dtype=np.float32)
-        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+        in_batch = rows[0] if len(rows) == 1 else np.concatenate(rows)
+        logits = np.empty_like(in_batch)
+        logits[plan_row] = in_batch
+        return logits
 
     def _decode(self, tokens: list[int], positions: list[int], slots: list[int],
                 wants_logits: list[bool]) -> np.ndarray:
@@ -482,8 +511,19 @@ class LlamaCppChat(ModelAdapter):
             llama_cpp.llama_memory_seq_cp(self._mem, source, self._new_slot(child), -1, -1)
 
     def release(self, seq_id: int) -> None:
+        """Frees the sequence's slot and, with one KV stream per sequence, keeps the live
+        slots dense (0 .. n-1) by moving the highest one into the gap: a gap would split
+        every later step into two micro-batches (see execute). The move copies one stream's
+        buffers (context_length cells) once, where a gap costs every step after it."""
         slot = self._slot_of.pop(seq_id, None)
         if slot is None:
             return
         llama_cpp.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        highest = max(self._slot_of.items(), key=lambda item: item[1], default=None)
+        if not self._kv_unified and highest is not None and highest[1] > slot:
+            moved, source = highest
+            llama_cpp.llama_memory_seq_cp(self._mem, source, slot, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._mem, source, -1, -1)
+            self._slot_of[moved] = slot
+            slot = source
         heapq.heappush(self._free_slots, slot)

@@ -22,8 +22,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCach
 from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.sources import resolve_source
-from engine.types import ChatMessage, ImageInput
-from models.chat import _ROLE_FOR_TEMPLATE, TransformersChat
+from engine.tool_calls import ROLE_FOR_TEMPLATE
+from engine.types import ChatMessage, ImageInput, ToolSpec
+from models.chat import TransformersChat
 from models.chat_batching import KVBlock
 
 
@@ -43,7 +44,7 @@ class VisionChat(TransformersChat):
         except (OSError, ImportError, ValueError) as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
         self.tokenizer = self.processor.tokenizer
-        self.chat_template = self.processor.chat_template or self.tokenizer.chat_template
+        self._template_text = self.processor.chat_template or self.tokenizer.chat_template
         # The processor tokenizes through the shared transformers tokenizer, which is not safe
         # to call from several request threads at once (see models.base.thread_safe_encoder).
         self._processor_lock = threading.Lock()
@@ -59,7 +60,11 @@ class VisionChat(TransformersChat):
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> PromptInput:
+    def render_chat(self, messages: Sequence[ChatMessage],
+                    tools: Sequence[ToolSpec] = ()) -> PromptInput:
+        if tools:
+            raise UnsupportedFeatureError(
+                f"{self.entry.id!r} (a vision model) takes no tools", param="tools")
         text = self._render(messages)
         images = [image for message in messages for image in message.images]
         if not images:
@@ -81,7 +86,7 @@ class VisionChat(TransformersChat):
     def _render(self, messages: Sequence[ChatMessage]) -> str:
         """The chat template over content-part lists, `{"type": "image"}` marking each image
         (what image-text-to-text templates expect; most cannot take a plain string)."""
-        if not self.chat_template:
+        if not self._template_text:
             raise UnsupportedFeatureError(
                 f"{self.entry.id!r} has no chat template; use /v1/completions with a prompt",
                 param="model",
@@ -94,10 +99,10 @@ class VisionChat(TransformersChat):
                 else {"type": "text", "text": part}
                 for part in parts
             ]
-            role = _ROLE_FOR_TEMPLATE.get(message.role, message.role)
+            role = ROLE_FOR_TEMPLATE.get(message.role, message.role)
             turns.append({"role": role, "content": content})
         text: str = self.processor.apply_chat_template(
-            turns, chat_template=self.chat_template, add_generation_prompt=True,
+            turns, chat_template=self._template_text, add_generation_prompt=True,
             tokenize=False,
         )
         return text

@@ -23,6 +23,7 @@ from engine.types import (
     SpeechRequest,
     TextDelta,
     TranscriptionRequest,
+    Usage,
 )
 from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, file_url, require_api_key
@@ -121,7 +122,7 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
                     yield {"delta": {"content": event.text}, "finish_reason": None, "index": 0}
                 elif isinstance(event, ChoiceFinished):
                     finish = event.finish_reason
-                else:  # usage comes last: the closing chunk carries it with the metadata
+                elif isinstance(event, Usage):  # last: the closing chunk carries the metadata
                     usage = translate.usage_json(event.prompt_tokens, event.completion_tokens)
                     yield translate.with_metadata(
                         {"delta": {}, "finish_reason": finish, "index": 0, "usage": usage}, meta)

@@ -20,6 +20,7 @@ from engine.types import (
     ChoiceFinished,
     GenerationEvent,
     TextDelta,
+    ToolCallDelta,
     TranscriptionInfo,
     TranscriptSegment,
     Usage,
@@ -64,7 +65,7 @@ async def _chat_frames(
             "model": name}
     extra = {"usage": None} if include_usage else {}
 
-    def frame(index: int, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    def frame(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {**head, "choices": [choice], **extra}
 
@@ -73,9 +74,11 @@ async def _chat_frames(
     async for event in events:
         if isinstance(event, TextDelta):
             yield frame(event.index, {"content": event.text})
+        elif isinstance(event, ToolCallDelta):
+            yield frame(event.index, translate.tool_call_chunk(event))
         elif isinstance(event, ChoiceFinished):
             yield frame(event.index, {}, event.finish_reason)
-        elif include_usage:
+        elif include_usage and isinstance(event, Usage):
             yield {**head, "choices": [], "usage": translate.usage_json(event)}
 
 

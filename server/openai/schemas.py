@@ -23,18 +23,60 @@ class WireModel(BaseModel):
             log.debug("%s: ignoring unknown fields %s", path, unknown)
 
 
+class FunctionCallIn(WireModel):
+    name: str = Field(min_length=1)
+    arguments: str = ""
+
+
+class ToolCallIn(WireModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionIn(WireModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(WireModel):
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class NamedFunction(WireModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(WireModel):
     include_usage: bool = False
 
 
+class JsonSchemaIn(WireModel):
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaIn | None = None
 
 
 StopField = Annotated[str | list[str] | None, Field(None)]
@@ -76,8 +118,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolIn] | None = Field(None, max_length=128)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
 

@@ -12,12 +12,18 @@ import numpy as np
 from engine.errors import InvalidRequestError, UnsupportedFeatureError
 from engine.types import (
     ChatMessage,
+    Choice,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationRequest,
     GenerationResult,
     ImageInput,
+    OutputConstraint,
+    ResponseFormat,
     SamplingParams,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
     Usage,
 )
 from server.openai.schemas import (
@@ -25,6 +31,7 @@ from server.openai.schemas import (
     ChatMessageIn,
     CompletionRequest,
     EmbeddingRequestIn,
+    NamedToolChoice,
     SamplingFields,
 )
 
@@ -75,7 +82,10 @@ def _image_part(part: dict[str, Any], where: str) -> ImageInput:
 
 def _message(message: ChatMessageIn, index: int) -> ChatMessage:
     if message.content is None or isinstance(message.content, str):
-        return ChatMessage(role=message.role, content=message.content or "")
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments)
+                      for c in message.tool_calls or [])
+        return ChatMessage(role=message.role, content=message.content or "",
+                           tool_calls=calls, tool_call_id=message.tool_call_id)
     parts: list[str | ImageInput] = []
     for part_index, part in enumerate(message.content):
         where = f"messages[{index}].content[{part_index}]"
@@ -94,26 +104,39 @@ def _message(message: ChatMessageIn, index: int) -> ChatMessage:
     return ChatMessage(role=message.role, content=text, parts=tuple(parts) if has_images else ())
 
 
-def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
-    if body.tools and body.tool_choice != "none":
-        raise UnsupportedFeatureError(
-            "Tool calling is not supported by this server build yet; omit `tools` or set "
-            "tool_choice to 'none'.",
-            param="tools",
-        )
+def _constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
+    response_format = None
     if body.response_format is not None and body.response_format.type != "text":
-        raise UnsupportedFeatureError(
-            f"response_format {body.response_format.type!r} is not enforced by this server "
-            "build yet; refusing rather than returning unvalidated output.",
-            param="response_format",
-        )
+        spec = body.response_format.json_schema
+        if body.response_format.type == "json_schema" and (spec is None or spec.schema_ is None):
+            raise InvalidRequestError(
+                "Missing required parameter: 'response_format.json_schema.schema'.",
+                param="response_format.json_schema.schema", code="missing_required_parameter")
+        response_format = ResponseFormat(
+            body.response_format.type, spec.schema_ if spec is not None else None,
+            spec.name if spec is not None else "")
+    tools = tuple(ToolSpec(t.function.name, t.function.description,
+                           t.function.parameters or {"type": "object"})
+                  for t in body.tools or [])
+    choice = body.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if response_format is None and not tools and choice is None:
+        return None
+    return OutputConstraint(
+        response_format=response_format, tools=tools,
+        tool_choice=named or choice or "auto",  # type: ignore[arg-type]  # a str by now
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+    )
+
+
+def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
     if body.logprobs:
         raise UnsupportedFeatureError("logprobs are not supported yet", param="logprobs")
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     max_tokens = body.max_completion_tokens or body.max_tokens
     return GenerationRequest(
         model=body.model, params=_sampling(body, max_tokens), messages=messages,
-        request_id=new_id("chatcmpl"),
+        request_id=new_id("chatcmpl"), constraint=_constraint(body),
     )
 
 
@@ -151,6 +174,28 @@ def usage_json(usage: Usage) -> dict[str, int]:
     }
 
 
+def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [{"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def assistant_message(choice: Choice) -> dict[str, Any]:
+    """OpenAI's message: content null when the reply is only tool calls."""
+    if not choice.tool_calls:
+        return {"role": "assistant", "content": choice.text}
+    return {"role": "assistant", "content": choice.text or None,
+            "tool_calls": tool_calls_json(choice.tool_calls)}
+
+
+def tool_call_chunk(delta: ToolCallDelta) -> dict[str, Any]:
+    """A streamed piece of a call: the first names it, the rest add to its arguments."""
+    call: dict[str, Any] = {"index": delta.call, "function": {"arguments": delta.arguments}}
+    if delta.id is not None:
+        call.update(id=delta.id, type="function")
+        call["function"]["name"] = delta.name
+    return {"tool_calls": [call]}
+
+
 def chat_response(name: str, request_id: str, result: GenerationResult) -> dict[str, Any]:
     return {
         "id": request_id,
@@ -160,7 +205,7 @@ def chat_response(name: str, request_id: str, result: GenerationResult) -> dict[
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": assistant_message(c),
                 "logprobs": None,
                 "finish_reason": c.finish_reason,
             }

@@ -18,6 +18,7 @@ from engine.types import (
     GenerationRequest,
     ImageRequest,
     TextDelta,
+    Usage,
 )
 from models.embeddings import truncate_dimensions
 from server.cancellation import cancel_on_disconnect
@@ -65,7 +66,7 @@ async def _chat_frames(body: ChatIn, request: GenerationRequest,
             yield {**head, "delta": event.text}
         elif isinstance(event, ChoiceFinished):
             finish = event.finish_reason
-        else:
+        elif isinstance(event, Usage):
             yield {**head, "finishReason": finish, "usage": translate.usage_json(event)}
 
 

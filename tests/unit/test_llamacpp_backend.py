@@ -130,6 +130,38 @@ def test_batched_and_staggered_sequences_match_each_alone(
     assert backend.live_sequences() == set()
 
 
+def test_slots_stay_dense_as_sequences_end_and_survivors_keep_their_tokens(
+    backend: LlamaCppChat, question_ids: list[int]
+) -> None:
+    """Sequences ending out of slot order move the highest slot into the gap (a gap would cut
+    each later step in two micro-batches); the moved sequence's KV goes with it."""
+    prompts = {seq: backend.tokenize(f"Count from {seq}:") for seq in range(20, 25)}
+    prompts[25] = question_ids
+    alone = {seq: greedy(backend, {seq: ids}, 10)[seq] for seq, ids in prompts.items()}
+    tokens = {seq: [int(row.argmax())] for seq, row in zip(
+        prompts, backend.execute(StepPlan(prefill=[PrefillChunk(seq, ids, 0, True)
+                                                   for seq, ids in prompts.items()])),
+        strict=True)}
+    ends = {21: 3, 23: 3, 20: 6}  # steps after which these end; the rest run all 10
+    live = set(prompts)
+    for step in range(1, 10):
+        for seq in [s for s in live if ends.get(s) == step]:
+            backend.release(seq)
+            live.remove(seq)
+        slots = sorted(backend._slot_of[s] for s in live)
+        assert slots == list(range(len(live)))
+        plan = StepPlan(decode=[DecodeToken(s, tokens[s][-1], len(prompts[s]) + step - 1)
+                                for s in sorted(live, reverse=True)])
+        for seq, row in zip(plan.logit_seq_ids(), backend.execute(plan), strict=True):
+            tokens[seq].append(int(row.argmax()))
+    for seq in live:
+        assert tokens[seq] == alone[seq]
+        backend.release(seq)
+    for seq, end in ends.items():
+        assert tokens[seq] == alone[seq][:end]
+    assert backend.live_sequences() == set()
+
+
 def test_fork_shares_the_prompt(backend: LlamaCppChat, question_ids: list[int]) -> None:
     alone = greedy(backend, {1: question_ids}, 10)[1]
     first = backend.execute(StepPlan(prefill=[PrefillChunk(40, question_ids, 0, True)]))

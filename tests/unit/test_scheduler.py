@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import llguidance
 import numpy as np
 import pytest
 
@@ -50,6 +52,7 @@ from engine.types import (
     GenerationEvent,
     SamplingParams,
     TextDelta,
+    ToolSpec,
     Usage,
 )
 
@@ -99,6 +102,24 @@ def scripted(prompt_len: int, reply: Sequence[int]) -> Rule:
 def make_prompt(length: int, salt: int) -> list[int]:
     """Prompts of different salts differ in their first token (salt < 50)."""
     return [(salt + 5 * i) % 50 for i in range(length)]
+
+
+class FakeVocabulary:
+    """The fake model's tokens, as llguidance's TokenizerWrapper reads a tokenizer."""
+
+    eos_token_id = EOS
+    bos_token_id = None
+    special_token_ids = [EOS]
+    tokens = [b"\xff<eos>" if t == EOS else token_text(t).encode() for t in range(VOCAB)]
+
+    def __call__(self, text: bytes) -> list[int]:
+        """Longest match first, as a BPE tokenizer would tend to."""
+        ids, rest = [], text.decode()
+        while rest:
+            piece = max((t for t in BY_TEXT if rest.startswith(t)), key=len, default=rest[0])
+            ids += tok(piece)
+            rest = rest[len(piece):]
+        return ids
 
 
 class ContractViolation(AssertionError):
@@ -192,9 +213,17 @@ class FakeBackend:
             self.violations.append(message)
             raise ContractViolation(message)
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> PromptInput:
+    def render_chat(self, messages: Sequence[ChatMessage],
+                    tools: Sequence[ToolSpec] = ()) -> PromptInput:
         text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
         return PromptInput(self.tokenize(text), text)
+
+    def chat_template(self) -> str | None:
+        return None
+
+    def grammar_tokenizer(self) -> Any:
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(FakeVocabulary()),
+                                      n_vocab=VOCAB)
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) % EOS for c in text]
@@ -1108,3 +1137,80 @@ def test_staggered_greedy_requests_give_the_same_text_as_sequential_ones(
     # They really shared steps.
     assert scheduler.steps - steps_alone < sum(max_tokens for _, max_tokens in SPECS)
     scheduler.shutdown()
+
+
+# -- output grammars ---------------------------------------------------------------------------
+
+
+def grammar(scheduler: ChatScheduler, lark: str) -> Any:
+    return scheduler.grammars.compile(llguidance.LLMatcher.grammar_from_lark(lark), "grammar")
+
+
+WORD = r'start: /[a-c]{3,6}/ ".."'  # the fake model alone never writes this
+
+
+def test_a_grammar_constrains_every_sampled_choice_and_ends_the_reply() -> None:
+    backend = FakeBackend()
+    scheduler = make(backend, max_queue=32)
+    requests = []
+    for salt in range(20):
+        prompt = PromptInput(make_prompt(6, salt), "", None)
+        events: list[GenerationEvent] = []
+        future = scheduler.submit(prompt, SamplingParams(n=2, max_tokens=20, temperature=1.0,
+                                                         seed=salt),
+                                  events.append, threading.Event(),
+                                  grammar=grammar(scheduler, WORD))
+        requests.append(Request(prompt, future, events, threading.Event()))
+    drain(scheduler)
+    texts = set()
+    for request in requests:
+        for index in range(2):
+            text = request.text(index)
+            # "ab" is one token of the fake vocabulary; every text must still fit the grammar.
+            assert re.fullmatch(r"[a-c]{3,6}\.\.", text), text
+            assert request.finish(index) == "stop"
+            texts.add(text)
+    assert len(texts) > 5  # sampled, not forced to one answer
+    assert_idle(scheduler, backend)
+
+
+def test_constrained_and_free_requests_share_a_batch_and_the_free_ones_stay_free() -> None:
+    backend = FakeBackend()
+    scheduler = make(backend)
+    alone = submit(scheduler, make_prompt(7, 3), max_tokens=10, temperature=0)
+    drain(scheduler)
+    free = submit(scheduler, make_prompt(7, 3), max_tokens=10, temperature=0)
+    events: list[GenerationEvent] = []
+    prompt = PromptInput(make_prompt(5, 9), "", None)
+    future = scheduler.submit(prompt, SamplingParams(max_tokens=10, temperature=0),
+                              events.append, threading.Event(),
+                              grammar=grammar(scheduler, WORD))
+    constrained = Request(prompt, future, events, threading.Event())
+    late = submit(scheduler, make_prompt(8, 4), max_tokens=10, temperature=0)  # joins later
+    drain(scheduler)
+    assert free.text() == alone.text() and free.finish() == "length"
+    assert_greedy(late, backend, 10)
+    assert re.fullmatch(r"[a-c]{3,6}\.\.", constrained.text())
+    assert any(len(p.decode) == 3 for p in backend.plans)  # all three in one step
+    assert_idle(scheduler, backend)
+
+
+def test_a_grammar_cut_by_max_tokens_finishes_with_length() -> None:
+    backend = FakeBackend()
+    scheduler = make(backend)
+    events: list[GenerationEvent] = []
+    prompt = PromptInput(make_prompt(5, 2), "", None)
+    future = scheduler.submit(prompt, SamplingParams(max_tokens=2, temperature=0),
+                              events.append, threading.Event(),
+                              grammar=grammar(scheduler, WORD))
+    drain(scheduler)
+    request = Request(prompt, future, events, threading.Event())
+    assert request.finish() == "length" and re.fullmatch(r"[a-c]+", request.text())
+    assert_idle(scheduler, backend)
+
+
+def test_a_grammar_the_compiler_cannot_enforce_is_an_invalid_request() -> None:
+    scheduler = make(FakeBackend())
+    source = llguidance.LLMatcher.grammar_from_json_schema({"type": "array", "uniqueItems": True})
+    with pytest.raises(InvalidRequestError, match="uniqueItems"):
+        scheduler.grammars.compile(source, "response_format")
