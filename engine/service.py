@@ -29,7 +29,7 @@ from engine.registry import Registry
 from engine.routing import Router
 from engine.settings import Settings
 from engine.sources import is_installed
-from engine.structured import constraint_grammar
+from engine.structured import check_constraint, constraint_grammar
 from engine.tool_calls import ToolCallParser, detect_format
 from engine.types import (
     Choice,
@@ -201,6 +201,8 @@ class Engine:
             raise InvalidRequestError(
                 f"n must be at most {self.settings.max_n}; got {request.params.n}", param="n"
             )
+        if request.constraint is not None:
+            check_constraint(request.constraint)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Text deltas and finish events as they are decoded, then one `Usage`.

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 _JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 _CACHED_GRAMMARS = 128
+# Calls one reply may make with parallel_tool_calls (real models make one to three; a
+# model that loops on calls stops here instead of at max_tokens).
+MAX_CALLS = 8
 
 
 def _json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,7 +63,7 @@ def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
                       fmt: ToolFormat) -> str:
     """A Lark grammar (llguidance's dialect) for the model's tool-call text in `fmt`:
 
-    - `required`: one call (or several, with `parallel`) of a declared function;
+    - `required`: one call (or up to MAX_CALLS, with `parallel`) of a declared function;
     - a function's name: one call of exactly that function;
     - `auto`: free text, or free text then calls once the model writes the opening tag
       (a lazy trigger: nothing is constrained until it appears).
@@ -73,7 +76,7 @@ def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
         lines.append(f"fn_{index}: {_lark_literal(tool.name + fmt.after_name)} "
                      f"%json {schema} {_lark_literal(fmt.after_arguments)}")
     functions = "(" + " | ".join(f"fn_{index}" for index in range(len(allowed))) + ")"
-    more = " next_call*" if parallel else ""
+    more = f" next_call{{0,{MAX_CALLS - 1}}}" if parallel else ""
     lines.append(f"next_call: {_lark_literal(fmt.separator + fmt.head)} {functions}")
     if choice == "auto":
         rest = fmt.head[len(fmt.trigger):]
@@ -84,6 +87,44 @@ def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
     else:
         lines += ["start: calls", f"calls: {_lark_literal(fmt.head)} {functions}{more}"]
     return str(llguidance.LLMatcher.grammar_from_lark("\n".join(lines) + "\n"))
+
+
+def _check_schema(schema: Mapping[str, Any], param: str) -> None:
+    """A 400 for a schema llguidance cannot enforce (checked with no model loaded)."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_json_schema(schema)))
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(f"{param} is not a valid JSON schema: {exc}",
+                                  param=param) from exc
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error or messages:
+        raise InvalidRequestError(f"{param} cannot be enforced: {'; '.join(messages)}",
+                                  param=param)
+
+
+def check_constraint(constraint: OutputConstraint) -> None:
+    """Every field of a constraint checked before any model work: declared tools with
+    distinct names and enforceable schemas, a tool_choice that names one of them."""
+    names = [tool.name for tool in constraint.tools]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise InvalidRequestError(f"two tools are named {name!r}; names must differ",
+                                      param=f"{constraint.tools_param}[{index}]")
+    choice = constraint.tool_choice
+    if choice not in ("auto", "none", "required") and choice not in names:
+        raise InvalidRequestError(f"tool_choice names {choice!r}, which is not in tools",
+                                  param=constraint.tool_choice_param)
+    if choice != "auto" and choice != "none" and not names:
+        raise InvalidRequestError(f"tool_choice {choice!r} needs tools",
+                                  param=constraint.tool_choice_param)
+    for index, tool in enumerate(constraint.tools):
+        _check_schema(tool.parameters, constraint.tool_parameters_param.format(index=index))
+    response_format = constraint.response_format
+    if response_format is not None and response_format.type == "json_schema":
+        if not isinstance(response_format.schema, Mapping):
+            raise InvalidRequestError("the JSON schema must be an object",
+                                      param=constraint.param)
+        _check_schema(response_format.schema, constraint.param)
 
 
 def constraint_grammar(constraint: OutputConstraint, fmt: ToolFormat | None) -> str | None:

@@ -140,7 +140,10 @@ class OutputConstraint:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool = True
-    param: str = "response_format"
+    param: str = "response_format"  # the dialect's field names, for errors
+    tools_param: str = "tools"
+    tool_parameters_param: str = "tools[{index}].function.parameters"
+    tool_choice_param: str = "tool_choice"
 
     @property
     def calls_tools(self) -> bool:

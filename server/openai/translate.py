@@ -126,6 +126,8 @@ def _constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
         response_format=response_format, tools=tools,
         tool_choice=named or choice or "auto",  # type: ignore[arg-type]  # a str by now
         parallel_tool_calls=body.parallel_tool_calls is not False,
+        param="response_format.json_schema.schema" if body.response_format is not None
+        and body.response_format.type == "json_schema" else "response_format",
     )
 
 

@@ -114,7 +114,7 @@ async def test_non_json_body_is_400(served: Served) -> None:
 
 
 async def test_prompt_over_context_is_400_with_both_numbers(served: Served) -> None:
-    long_text = "The quick brown fox jumps over the lazy dog. " * 60
+    long_text = "The quick brown fox jumps over the lazy dog. " * 480
     response = await served.http.post(
         "/v1/chat/completions",
         json={"model": "tiny-chat", "messages": [{"role": "user", "content": long_text}]},
@@ -138,7 +138,7 @@ async def test_prompt_over_context_is_400_with_both_numbers(served: Served) -> N
 
 
 async def test_stream_errors_arrive_before_the_stream_starts(served: Served) -> None:
-    long_text = "Hello world " * 300
+    long_text = "Hello world " * 2400
     response = await served.http.post(
         "/v1/chat/completions",
         json={"model": "tiny-chat", "stream": True,

@@ -18,9 +18,9 @@ use callbacks on the compute thread, not timing, to decide when things happen.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
