@@ -29,7 +29,7 @@ from engine.registry import Registry
 from engine.routing import Router
 from engine.settings import Settings
 from engine.sources import is_installed
-from engine.structured import check_constraint, constraint_grammar
+from engine.structured import check_constraint
 from engine.tool_calls import ToolCallParser, detect_format
 from engine.types import (
     Choice,
@@ -234,12 +234,10 @@ class Engine:
             grammar, tool_format = None, None
             if request.constraint is not None:
                 tool_format = detect_format(backend.chat_template())
-                source = constraint_grammar(request.constraint, tool_format)
-                if source is not None:
-                    started = time.perf_counter()
-                    grammar = await asyncio.to_thread(runner.grammars.compile, source,
-                                                      request.constraint.param)
-                    metrics.GRAMMAR_SECONDS.observe(time.perf_counter() - started)
+                started = time.perf_counter()
+                grammar = await asyncio.to_thread(runner.grammars.compile_constraint,
+                                                  request.constraint, tool_format)
+                metrics.GRAMMAR_SECONDS.observe(time.perf_counter() - started)
             future = runner.submit(prompt, request.params, emit, cancelled, param, grammar)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _DONE))
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -55,12 +56,22 @@ def response_format_grammar(response_format: ResponseFormat) -> str:
                                   param="response_format") from exc
 
 
-def _lark_literal(text: str) -> str:
-    return json.dumps(text)
+def _lark_literal(text: str, special: Callable[[str], bool] = lambda tag: False) -> str:
+    """`text` in Lark: quoted, except tags such as `<tool_call>` that are one special token
+    of the vocabulary, which the grammar names as tokens (a model writes them as tokens, not
+    as the characters '<', 't', ...)."""
+    pieces = []
+    for part in re.split(r"(<[^<>\s]+>)", text):
+        if part and special(part):
+            pieces.append(part)
+        elif part:
+            pieces.append(json.dumps(part))
+    return " ".join(pieces)
 
 
 def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
-                      fmt: ToolFormat) -> str:
+                      fmt: ToolFormat, special: Callable[[str], bool] = lambda tag: False
+                      ) -> str:
     """A Lark grammar (llguidance's dialect) for the model's tool-call text in `fmt`:
 
     - `required`: one call (or up to MAX_CALLS, with `parallel`) of a declared function;
@@ -74,18 +85,23 @@ def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
     for index, tool in enumerate(allowed):
         schema = json.dumps(_json_schema(tool.parameters), separators=(",", ":"))
         lines.append(f"fn_{index}: {_lark_literal(tool.name + fmt.after_name)} "
-                     f"%json {schema} {_lark_literal(fmt.after_arguments)}")
+                     f"%json {schema} {_lark_literal(fmt.after_arguments, special)}")
     functions = "(" + " | ".join(f"fn_{index}" for index in range(len(allowed))) + ")"
     more = f" next_call{{0,{MAX_CALLS - 1}}}" if parallel else ""
-    lines.append(f"next_call: {_lark_literal(fmt.separator + fmt.head)} {functions}")
+    lines.append(f"next_call: {_lark_literal(fmt.separator + fmt.head, special)} {functions}")
     if choice == "auto":
         rest = fmt.head[len(fmt.trigger):]
+        if special(fmt.trigger):  # a token of its own: free text cannot contain it
+            opener = f"TEXT {fmt.trigger}"
+        else:  # lazy: matched as soon as the text ends in it
+            lines.append(f"opener[lazy]: TEXT {_lark_literal(fmt.trigger)}")
+            opener = "opener"
         lines += ["start: TEXT | calls",
-                  f"calls: opener {_lark_literal(rest) if rest else ''} {functions}{more}",
-                  f"opener[lazy]: TEXT {_lark_literal(fmt.trigger)}",
+                  f"calls: {opener} {_lark_literal(rest, special)} {functions}{more}",
                   r"TEXT: /(.|\n)*/"]
     else:
-        lines += ["start: calls", f"calls: {_lark_literal(fmt.head)} {functions}{more}"]
+        lines += ["start: calls",
+                  f"calls: {_lark_literal(fmt.head, special)} {functions}{more}"]
     return str(llguidance.LLMatcher.grammar_from_lark("\n".join(lines) + "\n"))
 
 
@@ -127,12 +143,13 @@ def check_constraint(constraint: OutputConstraint) -> None:
         _check_schema(response_format.schema, constraint.param)
 
 
-def constraint_grammar(constraint: OutputConstraint, fmt: ToolFormat | None) -> str | None:
+def constraint_grammar(constraint: OutputConstraint, fmt: ToolFormat | None,
+                       special: Callable[[str], bool] = lambda tag: False) -> str | None:
     """The grammar a request's output must follow, or None when it is free text."""
     if constraint.calls_tools:
         assert fmt is not None
         return tool_call_grammar(constraint.tools, constraint.tool_choice,
-                                 constraint.parallel_tool_calls, fmt)
+                                 constraint.parallel_tool_calls, fmt, special)
     if constraint.response_format is not None and constraint.response_format.type != "text":
         return response_format_grammar(constraint.response_format)
     return None
@@ -155,6 +172,17 @@ class GrammarCompiler:
             if self._tokenizer is None:
                 self._tokenizer = self._make_tokenizer()
             return self._tokenizer
+
+    def is_special(self, text: str) -> bool:
+        """Is `text` exactly one special token of this vocabulary?"""
+        tokenizer = self.tokenizer()
+        ids = tokenizer.tokenize_str(text)
+        return len(ids) == 1 and bool(tokenizer.is_special_token(ids[0]))
+
+    def compile_constraint(self, constraint: OutputConstraint, fmt: ToolFormat) -> Any:
+        """A matcher for the request's constraint, or None when its output is free."""
+        grammar = constraint_grammar(constraint, fmt, self.is_special)
+        return None if grammar is None else self.compile(grammar, constraint.param)
 
     def compile(self, grammar: str, param: str) -> Any:
         """A fresh matcher for `grammar` at its start, or a 400 naming what it cannot do."""

@@ -143,6 +143,9 @@ def test_registry(
          "source": str(tiny_chat_dir), "dtype": "float32",
          "options": {"vision_model": "tiny-vision"}},
         *rerank_and_moderation_entries(root),
+        # The optional Qwen2.5-Coder GGUF (its template speaks hermes tool calls).
+        packaged("qwen2.5-coder-0.5b-instruct", default=False, aliases=[],
+                 limits={"kv_cache_tokens": 8192, "max_batch_size": 4}),
     ]
     path = root / "models.yaml"
     path.write_text(yaml.safe_dump({"models": entries}))
