@@ -295,4 +295,5 @@ async def test_a_weather_round_trip_with_a_model_trained_on_tool_calls(served: S
     assert answer.finish_reason in ("stop", "length") and answer.message.tool_calls is None
     assert answer.message.content  # (this 0.5B model tends to echo a call as text here)
     assert final.usage is not None and first.usage is not None
-    assert final.usage.prompt_tokens > first.usage.prompt_tokens + 20  # the call and result
+    assert final.usage.prompt_tokens > 70  # the two turns alone are ~35 tokens: the call and
+    # its result are in the prompt (tool_choice none leaves the tool definitions out)
