@@ -30,6 +30,7 @@ bench: $(VENV)/.installed-dev
 	$(VENV)/bin/ember bench images
 	$(VENV)/bin/ember bench jobs
 	$(VENV)/bin/ember bench chat_backends
+	$(VENV)/bin/ember bench structured
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

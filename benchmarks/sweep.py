@@ -133,7 +133,7 @@ def chat_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
 
 async def stream_one(
     conn: Connection, prompt: str, tokens: int, seed: int, deadline: float,
-    measure_from: float = 0.0,
+    measure_from: float = 0.0, extra: dict[str, Any] | None = None,
 ) -> RequestTiming:
     """One streamed request; stops reading at `deadline` (the caller then drops the
     connection, which cancels the rest on the server). Only tokens after `measure_from`
@@ -142,7 +142,7 @@ async def stream_one(
     times: list[float] = []
     completed = True
     async for frame in conn.stream_events("/v1/chat/completions",
-                                          chat_body(prompt, tokens, seed)):
+                                          {**chat_body(prompt, tokens, seed), **(extra or {})}):
         if "error" in frame:
             raise RuntimeError(frame["error"]["message"])
         now = time.perf_counter()
@@ -161,13 +161,14 @@ LOAD_ERRORS = (HTTPError, RuntimeError, OSError, asyncio.IncompleteReadError)
 
 
 async def run_level(port: int, concurrency: int, seconds: float, tokens: int,
-                    warmup_s: float = 0.0) -> Level:
+                    warmup_s: float = 0.0, extra: dict[str, Any] | None = None) -> Level:
     """C clients issue requests back to back for `seconds`; tokens that arrive within the
     window count, so the rate is a steady state, not a ramp-down with fewer clients left.
 
     With `warmup_s`, the clients start one by one over that time first (client i after
     i * warmup_s / C) and nothing from it counts: the window then measures the steady
-    state of C clients, not C first prompts arriving in the same instant."""
+    state of C clients, not C first prompts arriving in the same instant. `extra`: fields
+    added to every request body (a response_format, say)."""
     timings: list[RequestTiming] = []
     errors = 0
     started = time.perf_counter()
@@ -186,7 +187,7 @@ async def run_level(port: int, concurrency: int, seconds: float, tokens: int,
                         timing = await stream_one(
                             conn, f"Tell me a story about {topic} (#{index}.{request}).",
                             request_tokens(tokens, index, request), index * 100 + request,
-                            deadline, measure_from)
+                            deadline, measure_from, extra)
                     except LOAD_ERRORS:
                         errors += 1
                         break  # the connection's state is unknown: open a new one

@@ -92,7 +92,7 @@ def pull(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("overhead", "sweep", "speech", "images", "jobs", "chat_backends")
+BENCHMARKS = ("overhead", "sweep", "speech", "images", "jobs", "chat_backends", "structured")
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from engine.routing import Router
 from engine.settings import Settings
 from engine.sources import is_installed
 from engine.structured import check_constraint
-from engine.tool_calls import ToolCallParser, detect_format
+from engine.tool_calls import ToolCallParser, detect_format, join_deltas
 from engine.types import (
     Choice,
     ChoiceFinished,
@@ -48,7 +48,6 @@ from engine.types import (
     SpeechChunk,
     SpeechRequest,
     TextDelta,
-    ToolCall,
     ToolCallDelta,
     Transcription,
     TranscriptionInfo,
@@ -266,21 +265,19 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self._check_generation(request)
         choices = [Choice(index=i) for i in range(request.params.n)]
-        calls: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> id, name, arguments
+        calls: list[list[ToolCallDelta]] = [[] for _ in choices]
         usage = Usage(0, 0)
         async for event in self.stream(request):
             if isinstance(event, TextDelta):
                 choices[event.index].text += event.text
             elif isinstance(event, ToolCallDelta):
-                call = calls.setdefault((event.index, event.call),
-                                        [event.id or "", event.name or "", ""])
-                call[2] += event.arguments
+                calls[event.index].append(event)
             elif isinstance(event, ChoiceFinished):
                 choices[event.index].finish_reason = event.finish_reason
             else:
                 usage = event
-        for (index, _), (call_id, name, arguments) in sorted(calls.items()):
-            choices[index].tool_calls.append(ToolCall(call_id, name, arguments))
+        for choice, deltas in zip(choices, calls, strict=True):
+            choice.tool_calls = join_deltas(deltas)
         return GenerationResult(model=request.model, choices=choices, usage=usage)
 
     # -- embeddings --------------------------------------------------------------------------

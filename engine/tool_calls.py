@@ -133,6 +133,15 @@ def template_turns(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec],
     return turns
 
 
+def join_deltas(deltas: Sequence[ToolCallDelta]) -> list[ToolCall]:
+    """One choice's streamed call pieces as whole calls, in call order."""
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.call, [delta.id or "", delta.name or "", ""])
+        call[2] += delta.arguments
+    return [ToolCall(*calls[index]) for index in sorted(calls)]
+
+
 def new_call_id() -> str:
     return "call_" + secrets.token_urlsafe(18)
 

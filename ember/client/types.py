@@ -22,12 +22,13 @@ class ChatMessage:
     content: str = ""
     name: str | None = None
     function_call: dict[str, Any] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # OpenAI's objects: {id, type, function: {name, arguments}}
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
 
     def to_dict(self) -> dict[str, Any]:
         """The message as a request sends it (fields left at None are not sent)."""
         message: dict[str, Any] = {"role": self.role, "content": self.content}
-        for name in ("name", "function_call", "tool_calls"):
+        for name in ("name", "function_call", "tool_calls", "tool_call_id"):
             if (value := getattr(self, name)) is not None:
                 message[name] = value
         return message
@@ -36,7 +37,7 @@ class ChatMessage:
     def from_json(cls, data: dict[str, Any]) -> ChatMessage:
         return cls(role=data.get("role") or "assistant", content=data.get("content") or "",
                    name=data.get("name"), function_call=data.get("function_call"),
-                   tool_calls=data.get("tool_calls"))
+                   tool_calls=data.get("tool_calls"), tool_call_id=data.get("tool_call_id"))
 
 
 @dataclass
@@ -112,12 +113,18 @@ class StreamChunk:
     role: str | None = None
     index: int = 0
     usage: TokenUsage | None = None
+    # OpenAI's tool-call deltas: the first piece of a call has its index, id and
+    # function.name; later ones add to function.arguments.
+    tool_calls: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_chat_frame(cls, frame: dict[str, Any]) -> StreamChunk:
         choices = frame.get("choices") or [{}]
         delta = choices[0].get("delta") or {}
-        return cls._build(frame, choices[0], delta.get("content"), delta.get("role"))
+        chunk = cls._build(frame, choices[0], delta.get("content"), delta.get("role"))
+        if isinstance(delta.get("tool_calls"), list):
+            chunk.tool_calls = delta["tool_calls"]
+        return chunk
 
     @classmethod
     def from_completion_frame(cls, frame: dict[str, Any]) -> StreamChunk:

@@ -16,12 +16,14 @@ from engine.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from engine.fetch import AUDIO, decode_data_uri, fetch_media
 from engine.service import Engine
 from engine.speech import encoded_speech, list_voices
+from engine.tool_calls import join_deltas
 from engine.types import (
     ChoiceFinished,
     EmbeddingRequest,
     ImageRequest,
     SpeechRequest,
     TextDelta,
+    ToolCallDelta,
     TranscriptionRequest,
     Usage,
 )
@@ -115,11 +117,16 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
 
     async def frames() -> AsyncIterator[dict[str, Any]]:
         text, finish = "", None
+        calls: list[ToolCallDelta] = []
         try:
             async for event in events:
                 if isinstance(event, TextDelta):
                     text += event.text
                     yield {"delta": {"content": event.text}, "finish_reason": None, "index": 0}
+                elif isinstance(event, ToolCallDelta):
+                    calls.append(event)
+                    yield {"delta": translate.tool_call_delta(event), "finish_reason": None,
+                           "index": 0}
                 elif isinstance(event, ChoiceFinished):
                     finish = event.finish_reason
                 elif isinstance(event, Usage):  # last: the closing chunk carries the metadata
@@ -127,8 +134,11 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
                     yield translate.with_metadata(
                         {"delta": {}, "finish_reason": finish, "index": 0, "usage": usage}, meta)
                     if future is not None and not future.done():
-                        future.set_result(translate.with_metadata(
-                            {"content": text, "finish_reason": finish, "usage": usage}, meta))
+                        reply: dict[str, Any] = {"content": text, "finish_reason": finish,
+                                                 "usage": usage}
+                        if calls:
+                            reply["tool_calls"] = translate.tool_calls_json(join_deltas(calls))
+                        future.set_result(translate.with_metadata(reply, meta))
         except BaseException as error:
             if key is not None and future is not None:
                 engine.idempotency.fail(key, future, error)
@@ -140,6 +150,9 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
 async def _replayed(result: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     if result["content"]:
         yield {"delta": {"content": result["content"]}, "finish_reason": None, "index": 0}
+    for index, call in enumerate(result.get("tool_calls") or []):
+        yield {"delta": {"tool_calls": [{"index": index, **call}]}, "finish_reason": None,
+               "index": 0}
     closing = {"delta": {}, "finish_reason": result["finish_reason"], "index": 0,
                "usage": result["usage"]}
     yield translate.with_metadata(closing, result["metadata"])

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.tools_wire import ToolIn
+
 Prefer = Literal["balanced", "cheapest", "smartest"]
 TaskName = Literal["general", "reasoning", "coding", "long_context"]
 CacheStrategy = Literal["vendor", "infrai", "none"]
@@ -19,17 +21,58 @@ class Body(BaseModel):
     vendor: str | None = None
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    arguments: str = ""
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None  # None: an assistant turn that only made tool calls
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class JsonSchemaIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
 
 
 class ResponseFormatIn(BaseModel):
+    """`{type}`; a json_schema one carries `json_schema: {name, schema}` (OpenAI's shape) or
+    `schema` directly."""
+
     model_config = ConfigDict(extra="allow")
 
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaIn | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    def schema_object(self) -> dict[str, Any] | None:
+        return self.json_schema.schema_ if self.json_schema is not None else self.schema_
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatIn(Body):
@@ -39,7 +82,10 @@ class ChatIn(Body):
     prefer: Prefer = "balanced"
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolIn] | None = Field(None, max_length=128)
+    # Extensions beside `tools`, as OpenAI's: which tool, and whether several calls may come.
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     response_format: ResponseFormatIn | None = None
     cache_strategy: CacheStrategy = "vendor"
     batch_mode: bool = False

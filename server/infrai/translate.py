@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.cache import CachePolicy, digest
-from engine.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.errors import InvalidRequestError
 from engine.jobs import Job
 from engine.routing import Router
 from engine.types import (
@@ -15,10 +15,15 @@ from engine.types import (
     GenerationRequest,
     GenerationResult,
     ImageInput,
+    OutputConstraint,
+    ResponseFormat,
     SamplingParams,
+    ToolCall,
+    ToolCallDelta,
     Transcription,
 )
-from server.infrai.schemas import Body, ChatIn, MediaRef, VisionIn
+from server.infrai.schemas import Body, ChatIn, MediaRef, NamedToolChoice, VisionIn
+from server.tools_wire import tool_specs
 
 VENDOR = "ember"
 # vendor: only greedy replies, which a fresh run would repeat, are served from the cache;
@@ -51,19 +56,12 @@ class Routed:
 
 def chat_request(body: ChatIn, router: Router) -> Routed:
     check_vendor(body)
-    if body.tools:
-        raise UnsupportedFeatureError(
-            "Tool calling is not supported by this server build yet; omit `tools`.",
-            param="tools",
-        )
-    if body.response_format is not None and body.response_format.type != "text":
-        raise UnsupportedFeatureError(
-            f"response_format {body.response_format.type!r} is not enforced by this server "
-            "build yet; refusing rather than returning unvalidated output.",
-            param="response_format",
-        )
-    messages = [ChatMessage(role=m.role, content=m.content) for m in body.messages]
-    if not messages or not any(m.content.strip() for m in messages):
+    messages = [
+        ChatMessage(role=m.role, content=m.content or "", tool_call_id=m.tool_call_id,
+                    tool_calls=tuple(ToolCall(c.id, c.function.name, c.function.arguments)
+                                     for c in m.tool_calls or []))
+        for m in body.messages]
+    if not messages or not any(m.content.strip() or m.tool_calls for m in messages):
         raise InvalidRequestError("messages must hold some text", param="messages")
     routed_by: dict[str, str] | None = None
     model = body.model
@@ -72,8 +70,43 @@ def chat_request(body: ChatIn, router: Router) -> Routed:
         routed_by = {"task": body.task, "prefer": body.prefer}
     params = sampling(body.temperature, body.max_tokens)
     request = GenerationRequest(model=model, params=params, messages=messages,
-                                request_id=new_request_id())
+                                request_id=new_request_id(), constraint=constraint(body))
     return Routed(request, routed_by)
+
+
+def constraint(body: ChatIn) -> OutputConstraint | None:
+    response_format = None
+    if body.response_format is not None and body.response_format.type != "text":
+        schema = body.response_format.schema_object()
+        if body.response_format.type == "json_schema" and schema is None:
+            raise InvalidRequestError("a json_schema response_format needs its schema",
+                                      param="response_format.json_schema.schema")
+        response_format = ResponseFormat(body.response_format.type, schema)
+    choice = body.tool_choice
+    if response_format is None and not body.tools and choice is None:
+        return None
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    return OutputConstraint(
+        response_format=response_format, tools=tool_specs(body.tools),
+        tool_choice=named or choice or "auto",  # type: ignore[arg-type]  # a str by now
+        parallel_tool_calls=body.parallel_tool_calls,
+        param="response_format.json_schema.schema" if response_format is not None
+        and response_format.type == "json_schema" else "response_format",
+        tool_parameters_param="tools[{index}].function.parameters")
+
+
+def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [{"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """A streamed piece of a call, in OpenAI's delta shape: the first names it."""
+    call: dict[str, Any] = {"index": delta.call, "function": {"arguments": delta.arguments}}
+    if delta.id is not None:
+        call.update(id=delta.id, type="function")
+        call["function"]["name"] = delta.name
+    return {"tool_calls": [call]}
 
 
 def sampling(temperature: float | None, max_tokens: int | None) -> SamplingParams:
@@ -133,8 +166,11 @@ def with_metadata(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any
 def chat_result(result: GenerationResult, meta: dict[str, Any]) -> dict[str, Any]:
     choice = result.choices[0]
     usage = usage_json(result.usage.prompt_tokens, result.usage.completion_tokens)
-    return with_metadata({"content": choice.text, "finish_reason": choice.finish_reason,
-                          "usage": usage}, meta)
+    reply: dict[str, Any] = {"content": choice.text, "finish_reason": choice.finish_reason,
+                             "usage": usage}
+    if choice.tool_calls:
+        reply["tool_calls"] = tool_calls_json(choice.tool_calls)
+    return with_metadata(reply, meta)
 
 
 def job_json(job: Job) -> dict[str, Any]:

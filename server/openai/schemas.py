@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.tools_wire import ToolIn
+
 log = logging.getLogger("ember.http")
 
 
@@ -40,18 +42,6 @@ class ChatMessageIn(WireModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
-
-
-class FunctionIn(WireModel):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    description: str = ""
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolIn(WireModel):
-    type: Literal["function"]
-    function: FunctionIn
 
 
 class NamedFunction(WireModel):

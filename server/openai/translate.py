@@ -23,7 +23,6 @@ from engine.types import (
     SamplingParams,
     ToolCall,
     ToolCallDelta,
-    ToolSpec,
     Usage,
 )
 from server.openai.schemas import (
@@ -34,6 +33,7 @@ from server.openai.schemas import (
     NamedToolChoice,
     SamplingFields,
 )
+from server.tools_wire import tool_specs
 
 
 def new_id(prefix: str) -> str:
@@ -115,9 +115,7 @@ def _constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
         response_format = ResponseFormat(
             body.response_format.type, spec.schema_ if spec is not None else None,
             spec.name if spec is not None else "")
-    tools = tuple(ToolSpec(t.function.name, t.function.description,
-                           t.function.parameters or {"type": "object"})
-                  for t in body.tools or [])
+    tools = tool_specs(body.tools)
     choice = body.tool_choice
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
     if response_format is None and not tools and choice is None:

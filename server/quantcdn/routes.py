@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from engine.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.tool_calls import join_deltas
 from engine.types import (
     ChoiceFinished,
     EmbeddingRequest,
@@ -18,6 +19,7 @@ from engine.types import (
     GenerationRequest,
     ImageRequest,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 from models.embeddings import truncate_dimensions
@@ -61,13 +63,18 @@ async def _chat_frames(body: ChatIn, request: GenerationRequest,
                        events: AsyncIterator[GenerationEvent]) -> AsyncIterator[dict[str, Any]]:
     head = {"requestId": request.request_id, "model": body.model_id}
     finish = None
+    calls: list[ToolCallDelta] = []
     async for event in events:
         if isinstance(event, TextDelta):
             yield {**head, "delta": event.text}
+        elif isinstance(event, ToolCallDelta):
+            calls.append(event)  # a call goes out whole: toolUse carries parsed input
         elif isinstance(event, ChoiceFinished):
-            finish = event.finish_reason
+            finish = translate.finish_reason(event.finish_reason)
         elif isinstance(event, Usage):
-            yield {**head, "finishReason": finish, "usage": translate.usage_json(event)}
+            tool_use = translate.tool_use_json(join_deltas(calls))
+            yield {**head, "finishReason": finish, "usage": translate.usage_json(event),
+                   **({"toolUse": tool_use} if tool_use is not None else {})}
 
 
 @router.post("/embeddings")

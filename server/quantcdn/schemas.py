@@ -20,12 +20,48 @@ class MessageIn(Wire):
 
 
 class ResponseFormatIn(Wire):
-    type: str | None = None
+    """`{type: "json", jsonSchema?}`: JSON output, valid against the schema when one is given."""
+
+    type: Literal["json"] | None = None
     json_schema: dict[str, Any] | None = Field(None, alias="jsonSchema")
 
 
+class InputSchemaIn(Wire):
+    json_: dict[str, Any] | None = Field(None, alias="json")
+
+
+class ToolSpecIn(Wire):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str = ""
+    input_schema: InputSchemaIn | None = Field(None, alias="inputSchema")
+
+
+class ToolIn(Wire):
+    tool_spec: ToolSpecIn = Field(alias="toolSpec")
+
+
+class ToolNameIn(Wire):
+    name: str = Field(min_length=1)
+
+
+class ToolChoiceIn(Wire):
+    """Bedrock Converse's toolChoice (an extension here: the published client has no field
+    for it): exactly one of `auto` (text or calls), `any` (at least one call), `tool` (that
+    one)."""
+
+    auto: dict[str, Any] | None = None
+    any: dict[str, Any] | None = None
+    tool: ToolNameIn | None = None
+
+    def choice(self) -> str:
+        if self.tool is not None:
+            return self.tool.name
+        return "required" if self.any is not None else "auto"
+
+
 class ToolConfigIn(Wire):
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolIn] | None = Field(None, max_length=128)
+    tool_choice: ToolChoiceIn | None = Field(None, alias="toolChoice")
     auto_execute: bool = Field(False, alias="autoExecute")
     allowed_tools: list[str] | None = Field(None, alias="allowedTools")
 

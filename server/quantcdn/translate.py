@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import uuid
 from typing import Any
 
@@ -21,7 +22,11 @@ from engine.types import (
     ImageInput,
     ImageMode,
     ImageRequest,
+    OutputConstraint,
+    ResponseFormat,
     SamplingParams,
+    ToolCall,
+    ToolSpec,
     Usage,
 )
 from server.quantcdn.schemas import ChatIn, ImageGenerationConfig, ImageGenerationIn
@@ -100,18 +105,11 @@ def _message(role: str, content: str | list[dict[str, Any]], index: int) -> Chat
 
 
 def chat_request(body: ChatIn) -> GenerationRequest:
-    if body.tool_config is not None and (body.tool_config.tools or body.tool_config.auto_execute):
+    if body.tool_config is not None and body.tool_config.auto_execute:
         raise UnsupportedFeatureError(
-            "Tool use is not supported by this server build yet; omit toolConfig.",
-            param="toolConfig",
-        )
-    if body.response_format is not None and (
-        body.response_format.type is not None or body.response_format.json_schema is not None
-    ):
-        raise UnsupportedFeatureError(
-            "Structured output (responseFormat) is not enforced by this server build yet; "
-            "refusing rather than returning unvalidated output.",
-            param="responseFormat",
+            "ember does not run tools itself (autoExecute); it returns toolUse for the caller "
+            "to run. Set autoExecute to false.",
+            param="toolConfig.autoExecute",
         )
     messages = [_message(m.role, m.content, i) for i, m in enumerate(body.messages)]
     if body.system_prompt:
@@ -121,7 +119,46 @@ def chat_request(body: ChatIn) -> GenerationRequest:
         top_p=body.top_p, stop=list(body.stop_sequences or []),
     )
     return GenerationRequest(model=body.model_id, params=params, messages=messages,
-                             request_id=new_request_id())
+                             request_id=new_request_id(), constraint=constraint(body))
+
+
+def constraint(body: ChatIn) -> OutputConstraint | None:
+    """toolConfig.tools (the model chooses text or calls) and responseFormat."""
+    tools = tuple(
+        ToolSpec(t.tool_spec.name, t.tool_spec.description,
+                 (t.tool_spec.input_schema.json_ if t.tool_spec.input_schema else None)
+                 or {"type": "object"})
+        for t in (body.tool_config.tools if body.tool_config else None) or [])
+    response_format = None
+    if body.response_format is not None and (body.response_format.type is not None
+                                             or body.response_format.json_schema is not None):
+        schema = body.response_format.json_schema
+        response_format = ResponseFormat("json_schema" if schema is not None else "json_object",
+                                         schema)
+    if response_format is None and not tools:
+        return None
+    choice = body.tool_config.tool_choice if body.tool_config is not None else None
+    return OutputConstraint(
+        response_format=response_format, tools=tools,
+        tool_choice=choice.choice() if choice is not None else "auto",
+        tool_choice_param="toolConfig.toolChoice",
+        param="responseFormat.jsonSchema" if response_format is not None
+        and response_format.schema is not None else "responseFormat",
+        tools_param="toolConfig.tools",
+        tool_parameters_param="toolConfig.tools[{index}].toolSpec.inputSchema.json")
+
+
+def tool_use_json(calls: list[ToolCall]) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """One call as an object, several as an array (the seed's two shapes), none as null."""
+    uses = [{"toolUseId": c.id, "name": c.name, "input": json.loads(c.arguments or "{}")}
+            for c in calls]
+    if not uses:
+        return None
+    return uses[0] if len(uses) == 1 else uses
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return "tool_use" if reason == "tool_calls" else reason
 
 
 # Engine errors name OpenAI's fields; these are the same fields here.
@@ -137,8 +174,10 @@ def usage_json(usage: Usage) -> dict[str, int]:
 def chat_response(body: ChatIn, request_id: str, result: GenerationResult) -> dict[str, Any]:
     choice = result.choices[0]
     return {
-        "response": {"role": "assistant", "content": choice.text, "toolUse": None},
-        "model": body.model_id, "requestId": request_id, "finishReason": choice.finish_reason,
+        "response": {"role": "assistant", "content": choice.text,
+                     "toolUse": tool_use_json(choice.tool_calls)},
+        "model": body.model_id, "requestId": request_id,
+        "finishReason": finish_reason(choice.finish_reason),
         "usage": usage_json(result.usage),
     }
 

@@ -265,3 +265,37 @@ async def test_the_api_key_is_sent_from_the_argument_or_the_environment(
         assert await moderate(api_key="s3cret") is False
         monkeypatch.setenv("EMBER_API_KEY", "s3cret")
         assert await moderate() is False
+
+
+async def test_chat_completion_with_tools_and_response_format(client: AsyncEmber) -> None:
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"], "additionalProperties": False}}}
+    reply = await client.ai.inference.chat_completion(
+        model="tiny-chat", messages=[{"role": "user", "content": "Weather in Paris?"}],
+        max_tokens=300, temperature=0, tools=[tool], tool_choice="required",
+        parallel_tool_calls=False)
+    [call] = reply.choices[0].message.tool_calls or []
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert call["function"]["name"] == "get_weather"
+    follow_up = await client.ai.inference.chat_completion(
+        model="tiny-chat", max_tokens=4, temperature=0, tools=[tool], messages=[
+            ChatMessage("user", "Weather in Paris?"),
+            ChatMessage("assistant", "", tool_calls=[call]),
+            ChatMessage("tool", '{"temperature": 21}', tool_call_id=call["id"])])
+    assert follow_up.usage.prompt_tokens > reply.usage.prompt_tokens
+    structured = await client.ai.inference.chat_completion(
+        model="tiny-chat", messages=[{"role": "user", "content": "JSON please"}],
+        max_tokens=200, temperature=1, response_format={"type": "json_schema", "json_schema": {
+            "name": "ok", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                     "required": ["ok"], "additionalProperties": False}}})
+    assert structured.choices[0].message.content in ('{"ok":true}', '{"ok":false}')
+    chunks = [chunk async for chunk in await client.ai.inference.chat_completion(
+        model="tiny-chat", messages=[{"role": "user", "content": "Weather in Paris?"}],
+        max_tokens=300, temperature=0, tools=[tool], tool_choice="required",
+        parallel_tool_calls=False, stream=True)]
+    pieces = [piece for chunk in chunks for piece in chunk.tool_calls or []]
+    assert pieces[0]["id"].startswith("call_") and pieces[0]["function"]["name"] == "get_weather"
+    assert "".join(p["function"].get("arguments", "") for p in pieces) == \
+        call["function"]["arguments"]

@@ -151,9 +151,10 @@ async def test_stream_errors_arrive_before_the_stream_starts(served: Served) -> 
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "dependentSchemas": {"a": {}}}}}},
+         "response_format.json_schema.schema"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
          "messages[0].content[0]"),

@@ -79,7 +79,8 @@ async def ai(make_settings: Callable[..., Settings]) -> AsyncIterator[Served]:
         fetch_allow_private=True, job_workers=2,
         models=[{"id": "tiny-diffusion", "options": TINY_DIFFUSION_OPTIONS},
                 # Routing here picks among the tiny models: the real GGUF is not installed.
-                {"id": "smollm2-llama", "source": "package:no_such_package"}],
+                {"id": "smollm2-llama", "source": "package:no_such_package"},
+                {"id": "qwen2.5-coder-0.5b-instruct", "source": "package:no_such_package"}],
     )
     async with serve_in_process(settings) as served:
         yield served
@@ -356,9 +357,12 @@ async def test_tts_formats_and_asr_from_base64(ai: Served) -> None:
     ("route", "body", "status", "param"),
     [
         ("chat", {}, 400, "messages"),
-        ("chat", {"messages": "Hi", "tools": [{"type": "function"}]}, 400, "tools"),
+        ("chat", {"messages": "Hi", "tools": [{"type": "function"}]}, 400, "tools[0].function"),
         ("chat", {"messages": "Hi", "response_format": {"type": "json_schema"}}, 400,
-         "response_format"),
+         "response_format.json_schema.schema"),
+        ("chat", {"messages": "Hi", "response_format": {"type": "json_schema", "schema": {
+            "type": "array", "uniqueItems": True}}}, 400, "response_format.json_schema.schema"),
+        ("chat", {"messages": "Hi", "tool_choice": "required"}, 400, "tool_choice"),
         ("chat", {"messages": "Hi", "response_format": {"type": "yaml"}}, 400,
          "response_format.type"),
         ("chat", {"messages": "Hi", "vendor": "openai"}, 400, "vendor"),
@@ -417,3 +421,43 @@ async def test_malformed_bodies_and_unknown_routes_use_the_envelope(ai: Served) 
     # Still serving.
     assert (await ai.http.post("/v1/ai/chat", json={"messages": "Hi", "max_tokens": 1}))\
         .status_code == 200
+
+
+# -- structured output and tools (the engine's grammars, in this dialect's shapes) -------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+async def test_chat_json_schema_and_required_tools(ai: Served) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    response = await ai.http.post("/v1/ai/chat", json={
+        "messages": "Are you ok?", "model": "tiny-chat", "temperature": 1, "max_tokens": 64,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "ok",
+                                                                  "schema": schema}}})
+    assert response.status_code == 200, response.text
+    assert set(json.loads(response.json()["content"])) == {"ok"}
+
+    response = await ai.http.post("/v1/ai/chat", json={
+        "messages": "Weather in Paris?", "model": "tiny-chat", "temperature": 0,
+        "max_tokens": 300, "tools": [WEATHER_TOOL], "tool_choice": "required",
+        "parallel_tool_calls": False})
+    result = response.json()
+    assert response.status_code == 200 and result["finish_reason"] == "tool_calls", result
+    [call] = result["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert set(json.loads(call["function"]["arguments"])) == {"city"}
+
+    streamed = await ai.http.post("/v1/ai/chat", json={
+        "messages": "Weather in Paris?", "model": "tiny-chat", "temperature": 0,
+        "max_tokens": 300, "tools": [WEATHER_TOOL], "tool_choice": "required",
+        "parallel_tool_calls": False, "stream": True})
+    chunks = sse(streamed.text)
+    pieces = [c["delta"]["tool_calls"][0] for c in chunks if "tool_calls" in c["delta"]]
+    assert pieces[0]["id"].startswith("call_") and pieces[0]["function"]["name"] == "get_weather"
+    arguments = "".join(piece["function"]["arguments"] for piece in pieces)
+    assert json.loads(arguments) == json.loads(call["function"]["arguments"])
+    assert chunks[-1]["finish_reason"] == "tool_calls"

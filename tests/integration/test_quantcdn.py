@@ -279,10 +279,15 @@ def test_keys_are_scoped_to_their_organisation(base_url: str) -> None:
         ("chat", chat_body([{"image": {"format": "png", "source": {"bytes": "AAAA"}}}],
                               modelId="amazon.nova-lite-v1:0"),
          400, "messages[0].content[0]"),
-        ("chat", chat_body("Hi", responseFormat={"type": "json", "jsonSchema": {}}), 400,
-         "responseFormat"),
-        ("chat", chat_body("Hi", toolConfig={"tools": [{"toolSpec": {"name": "x"}}]}), 400,
-         "toolConfig"),
+        ("chat", chat_body("Hi", responseFormat={"type": "json", "jsonSchema": {
+            "type": "array", "uniqueItems": True}}), 400, "responseFormat.jsonSchema"),
+        ("chat", chat_body("Hi", responseFormat={"type": "yaml"}), 400, "responseFormat.type"),
+        ("chat", chat_body("Hi", toolConfig={"tools": [{"toolSpec": {"name": "x"}}],
+                                             "autoExecute": True}), 400,
+         "toolConfig.autoExecute"),
+        ("chat", chat_body("Hi", toolConfig={"tools": [{"toolSpec": {"name": "x"}}],
+                                             "toolChoice": {"tool": {"name": "y"}}}), 400,
+         "toolConfig.toolChoice"),
         ("chat", chat_body("Hi", maxTokens=0), 400, "maxTokens"),
         ("chat", chat_body("Hi", modelId="amazon.titan-embed-text-v2:0"), 400, "modelId"),
         ("chat", chat_body("Hi", modelId="anthropic.claude-x"), 404, "modelId"),
@@ -326,3 +331,65 @@ def test_refusals_through_the_client_and_still_serving(api: quantcdn.AIInference
     refused(lambda: api.image_generation(ORG, outpaint), 400, "taskType")
     usage = api.chat_inference(ORG, chat_request("Hi", maxTokens=2)).usage
     assert usage is not None and usage.output_tokens == 2
+
+
+# -- structured output and tool use ----------------------------------------------------------
+
+WEATHER_SPEC = {"toolSpec": {"name": "get_weather", "description": "The weather in a city.",
+                             "inputSchema": {"json": {
+                                 "type": "object",
+                                 "properties": {"city": {"type": "string", "maxLength": 12}},
+                                 "required": ["city"], "additionalProperties": False}}}}
+TIME_SPEC = {"toolSpec": {"name": "get_time", "inputSchema": {"json": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}}
+
+
+def test_response_format_json_through_the_client(api: quantcdn.AIInferenceApi) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    reply = api.chat_inference(ORG, chat_request(
+        "Are you ok?", maxTokens=64, temperature=1,
+        responseFormat={"type": "json", "jsonSchema": schema}))
+    assert reply.response is not None and reply.response.content is not None
+    assert set(json.loads(reply.response.content)) == {"ok"}
+    reply = api.chat_inference(ORG, chat_request("Hi", maxTokens=200, temperature=1,
+                                                 responseFormat={"type": "json"}))
+    assert reply.finish_reason in ("stop", "length")
+    assert reply.response is not None and (reply.response.content or "").startswith("{")
+
+
+def test_tool_config_is_accepted_by_the_client(api: quantcdn.AIInferenceApi) -> None:
+    """The published client sends toolConfig.tools (it has no toolChoice): the model may
+    answer in text, and the reply parses in the client's models either way."""
+    reply = api.chat_inference(ORG, chat_request(
+        "Weather in Paris?", maxTokens=16, toolConfig={"tools": [WEATHER_SPEC]}))
+    assert reply.finish_reason in ("stop", "length", "tool_use")
+
+
+def test_tool_use_is_one_object_for_one_call_and_an_array_for_several(base_url: str) -> None:
+    """`toolChoice` (Bedrock's, an extension) forces calls; the reply parses in the client's
+    own response model, toolUse as an object for one call and an array for several. The
+    tiny model makes one call or several at random: sampled until both shapes are seen."""
+    shapes: dict[type, Any] = {}
+    for _attempt in range(40):
+        response = httpx.post(
+            f"{base_url}/api/v3/organizations/{ORG}/ai/chat",
+            headers={"Authorization": "Bearer key-acme"},
+            json=chat_body("Weather?", maxTokens=400, temperature=1, toolConfig={
+                "tools": [WEATHER_SPEC, TIME_SPEC], "toolChoice": {"any": {}}}), timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["finishReason"] == "tool_use", body
+        parsed = quantcdn.ChatInference200Response.from_dict(body)
+        assert parsed is not None and parsed.response is not None
+        assert parsed.response.tool_use is not None
+        uses = body["response"]["toolUse"]
+        shapes[type(uses)] = uses
+        if len(shapes) == 2:
+            break
+    one, several = shapes[dict], shapes[list]
+    assert one["name"] in ("get_weather", "get_time") and one["toolUseId"].startswith("call_")
+    assert len(several) > 1 and {u["name"] for u in several} <= {"get_weather", "get_time"}
+    for use in [one, *several]:
+        assert set(use["input"]) == ({"city"} if use["name"] == "get_weather" else {"zone"})
