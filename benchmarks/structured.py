@@ -54,6 +54,71 @@ from benchmarks.sweep import Level, run_level
 from engine.devices import resolve_device, resolve_dtype
 from engine.settings import load_settings
 
+# The integration tests' schemas (tests/integration/test_structured.py), whose compile times
+# this reports: nested objects, enums, arrays with min/max items, required fields, bounds.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 10},
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+        }, "required": ["city", "zip"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "role", "address"],
+    "additionalProperties": False,
+}
+SCORES = {
+    "type": "object",
+    "properties": {
+        # Bounded integers: a number's digits are unbounded, and a real 135M model will write
+        # 1.000000... until max_tokens.
+        "scores": {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 99},
+                   "minItems": 2, "maxItems": 4},
+        "passed": {"type": "boolean"},
+    },
+    "required": ["scores", "passed"],
+    "additionalProperties": False,
+}
+TAGS = {
+    "type": "object",
+    "properties": {
+        "tags": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object",
+            "properties": {"key": {"enum": ["a", "b", "c"]},
+                           "weight": {"type": "integer", "minimum": 1, "maximum": 9}},
+            "required": ["key", "weight"], "additionalProperties": False}},
+        "note": {"type": ["string", "null"], "maxLength": 8},
+    },
+    "required": ["tags", "note"],
+    "additionalProperties": False,
+}
+SCHEMAS = {"person": PERSON, "scores": SCORES, "tags": TAGS}
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "unit": {"enum": ["celsius", "fahrenheit"]},
+        }, "required": ["city", "unit"], "additionalProperties": False},
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time in a time zone.",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                       "required": ["zone"], "additionalProperties": False},
+    },
+}
+TOOLS: list[Any] = [WEATHER, TIME]
+
 MEAN_TOKENS = 96
 CLIENTS = (1, 16)
 LONG_STRING = {"type": "object", "properties": {"story": {"type": "string", "minLength": 4000}},
@@ -94,7 +159,6 @@ def measure_compiles(path: Path) -> dict[str, dict[str, float]]:
     from engine.structured import GrammarCompiler, response_format_grammar, tool_call_grammar
     from engine.tool_calls import HERMES
     from engine.types import ResponseFormat, ToolSpec
-    from tests.integration.test_structured import SCHEMAS, TOOLS
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()

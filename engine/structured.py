@@ -89,6 +89,18 @@ def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
     functions = "(" + " | ".join(f"fn_{index}" for index in range(len(allowed))) + ")"
     more = f" next_call{{0,{MAX_CALLS - 1}}}" if parallel else ""
     lines.append(f"next_call: {_lark_literal(fmt.separator + fmt.head, special)} {functions}")
+    if choice == "auto" and fmt.open:
+        # A reply may also open with the call's JSON alone (see ToolFormat.bare).
+        bare = fmt.bare()
+        for index, tool in enumerate(allowed):
+            schema = json.dumps(_json_schema(tool.parameters), separators=(",", ":"))
+            lines.append(f"bare_{index}: {_lark_literal(tool.name + bare.after_name)} "
+                         f"%json {schema} {_lark_literal(bare.after_arguments)}")
+        bare_functions = "(" + " | ".join(f"bare_{i}" for i in range(len(allowed))) + ")"
+        bare_more = f" bare_next{{0,{MAX_CALLS - 1}}}" if parallel else ""
+        lines += [f"bare_next: {_lark_literal(bare.separator + bare.head)} {bare_functions}",
+                  f"bare_opener[lazy]: {_lark_literal(bare.head)}",
+                  f"bare_calls: bare_opener {bare_functions}{bare_more}"]
     if choice == "auto":
         rest = fmt.head[len(fmt.trigger):]
         if special(fmt.trigger):  # a token of its own: free text cannot contain it
@@ -96,7 +108,7 @@ def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
         else:  # lazy: matched as soon as the text ends in it
             lines.append(f"opener[lazy]: TEXT {_lark_literal(fmt.trigger)}")
             opener = "opener"
-        lines += ["start: TEXT | calls",
+        lines += ["start: TEXT | calls" + (" | bare_calls" if fmt.open else ""),
                   f"calls: {opener} {_lark_literal(rest, special)} {functions}{more}",
                   r"TEXT: /(.|\n)*/"]
     else:

@@ -54,6 +54,12 @@ class ToolFormat:
     def after_arguments(self) -> str:
         return "}" + self.close
 
+    def bare(self) -> ToolFormat:
+        """The same calls without their tags: small models trained on a tagged format often
+        write `{"name": ..., "arguments": ...}` alone; under `auto` a reply that starts so
+        is read (and constrained) as calls."""
+        return ToolFormat(f"{self.name}-bare", "", "", self.arguments_key, "\n", self.native)
+
 
 HERMES = ToolFormat("hermes", "<tool_call>\n", "\n</tool_call>", "arguments", "\n", True)
 LLAMA3_JSON = ToolFormat("llama3_json", "", "", "parameters", "\n", True)
@@ -159,6 +165,7 @@ class ToolCallParser:
         self.calls: list[ToolCall] = []
         self._buffer = ""  # text not yet sent
         self._in_call = False
+        self._started = not fmt.open  # past the point where a bare call could begin
         self._name: str | None = None
         self._id = ""
         self._arguments = ""
@@ -168,6 +175,15 @@ class ToolCallParser:
         self._buffer += text
         out: list[str | ToolCallDelta] = []
         while True:
+            if not self._started and self.fmt.open:
+                start = self._buffer.lstrip()
+                bare = self.fmt.bare().head
+                if bare.startswith(start):
+                    return []  # may still become a bare call
+                self._started = True
+                if start.startswith(bare):
+                    self.fmt = self.fmt.bare()
+                    self._buffer = start
             if not self._in_call:
                 at = self._buffer.find(self.fmt.head)
                 if at < 0:

@@ -14,76 +14,13 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionMessageParam
 
+from benchmarks.structured import PERSON, SCHEMAS, SCORES, TOOLS, WEATHER
 from engine.sources import package_dir
 from tests.conftest import Served, llama_cpp_missing
 
 USER: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Describe a person as JSON."}
 ]
-
-# Nested objects, enums, arrays with min/max items, required fields, numeric bounds.
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {"type": "object", "properties": {
-            "city": {"type": "string", "maxLength": 10},
-            "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-        }, "required": ["city", "zip"], "additionalProperties": False},
-    },
-    "required": ["name", "age", "role", "address"],
-    "additionalProperties": False,
-}
-SCORES = {
-    "type": "object",
-    "properties": {
-        # Bounded integers: a number's digits are unbounded, and a real 135M model will write
-        # 1.000000... until max_tokens.
-        "scores": {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 99},
-                   "minItems": 2, "maxItems": 4},
-        "passed": {"type": "boolean"},
-    },
-    "required": ["scores", "passed"],
-    "additionalProperties": False,
-}
-TAGS = {
-    "type": "object",
-    "properties": {
-        "tags": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
-            "type": "object",
-            "properties": {"key": {"enum": ["a", "b", "c"]},
-                           "weight": {"type": "integer", "minimum": 1, "maximum": 9}},
-            "required": ["key", "weight"], "additionalProperties": False}},
-        "note": {"type": ["string", "null"], "maxLength": 8},
-    },
-    "required": ["tags", "note"],
-    "additionalProperties": False,
-}
-SCHEMAS = {"person": PERSON, "scores": SCORES, "tags": TAGS}
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string", "maxLength": 20},
-            "unit": {"enum": ["celsius", "fahrenheit"]},
-        }, "required": ["city", "unit"], "additionalProperties": False},
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The time in a time zone.",
-        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
-                       "required": ["zone"], "additionalProperties": False},
-    },
-}
-TOOLS: list[Any] = [WEATHER, TIME]
 
 
 def generations(backend: str) -> int:
