@@ -157,7 +157,11 @@ class ToolCallParser:
 
     Text that could still turn into a call's opening is held back, so a half tag never
     goes out as content. Once a call opens, its name is sent as soon as it is complete and
-    its arguments piece by piece; the grammar guarantees the shape, so the parse is exact."""
+    its arguments piece by piece; the grammar guarantees the shape, so the parse is exact.
+
+    A call identical to an earlier one of the reply (same function, same arguments) is
+    dropped: small models asked for parallel calls repeat one until the limit. While a call
+    can still turn out a repeat, its pieces are held back."""
 
     def __init__(self, index: int, fmt: ToolFormat):
         self.index = index
@@ -169,6 +173,7 @@ class ToolCallParser:
         self._name: str | None = None
         self._id = ""
         self._arguments = ""
+        self._held: list[ToolCallDelta] = []  # pieces of a call that may repeat an earlier one
 
     def feed(self, text: str) -> list[str | ToolCallDelta]:
         """Content strings and call deltas that are final after `text`."""
@@ -206,7 +211,7 @@ class ToolCallParser:
                 self._name = self._buffer[:end]
                 self._id = new_call_id()
                 self._buffer = self._buffer[end + len(self.fmt.after_name):]
-                out.append(ToolCallDelta(self.index, len(self.calls), self._id, self._name))
+                self._send(ToolCallDelta(self.index, len(self.calls), self._id, self._name), out)
             # A call ends at its closing text; without one (llama3), where the next begins.
             # Neither can occur inside the JSON: its strings escape newlines.
             end_marker = self.fmt.after_arguments if self.fmt.close else (
@@ -223,14 +228,30 @@ class ToolCallParser:
                 piece = self._buffer[:len(self._buffer) - keep]
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 self._arguments += piece
-                out.append(ToolCallDelta(self.index, len(self.calls), arguments=piece))
+                self._send(ToolCallDelta(self.index, len(self.calls), arguments=piece), out)
             return [piece for piece in out if piece != ""]
+
+    def _may_repeat(self) -> bool:
+        return any(call.name == self._name and call.arguments.startswith(self._arguments)
+                   for call in self.calls)
+
+    def _send(self, delta: ToolCallDelta, out: list[str | ToolCallDelta]) -> None:
+        """Out now, unless the call so far could still be a repeat: then held."""
+        self._held.append(delta)
+        if not self._may_repeat():
+            out += self._held
+            self._held = []
 
     def _finish_call(self, piece: str, out: list[str | ToolCallDelta]) -> None:
         self._arguments += piece
         if piece:
-            out.append(ToolCallDelta(self.index, len(self.calls), arguments=piece))
-        self.calls.append(ToolCall(self._id, self._name or "", self._arguments))
+            self._send(ToolCallDelta(self.index, len(self.calls), arguments=piece), out)
+        repeat = any(call.name == self._name and call.arguments == self._arguments
+                     for call in self.calls)
+        if not repeat:
+            out += self._held
+            self.calls.append(ToolCall(self._id, self._name or "", self._arguments))
+        self._held = []
         self._in_call, self._name = False, None
 
     def finish(self) -> list[str | ToolCallDelta]:

@@ -139,3 +139,15 @@ def test_arguments_must_validate_against_the_parameters() -> None:
     bad = call_text(ToolCall("x", "get_weather", json.dumps({"city": 3})), HERMES)
     assert not matches(grammar, bad)
     assert not matches(grammar, call_text(ToolCall("x", "nope", '{"city":"P"}'), HERMES))
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_a_repeated_call_is_dropped_and_a_different_one_kept(step: int) -> None:
+    same = ToolCall("c", "get_weather", '{"city":"Paris"}')
+    longer = ToolCall("d", "get_weather", '{"city":"Paris, TX"}')
+    text = HERMES.separator.join(call_text(c, HERMES) for c in [CALLS[0], same, same, longer])
+    _, calls, deltas = parse(HERMES, text, step)
+    assert [c.arguments for c in calls] == ['{"city":"Paris"}', '{"city":"Paris, TX"}']
+    assert [(c.name, c.arguments) for c in join_deltas(deltas)] == [
+        (c.name, c.arguments) for c in calls]
+    assert sorted({d.call for d in deltas}) == [0, 1]
