@@ -87,6 +87,15 @@ class Settings(BaseSettings):
         86400, gt=0, description="how long finished jobs and their files are kept"
     )
     api_key: str | None = None
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="more accepted API keys, comma-separated (EMBER_API_KEYS=a,b); with "
+                    "api_key, any one of them opens the API",
+    )
+    guard_metrics_and_docs: bool = Field(
+        True, description="with API keys set, /metrics, /docs, /redoc and /openapi.json need "
+                          "one too (/health and /ready stay open)",
+    )
 
     # Image inputs of vision chat (engine/fetch.py).
     fetch_allow_private: bool = Field(
@@ -124,7 +133,11 @@ class Settings(BaseSettings):
         description="organisation -> API keys valid for /api/v3/organizations/{organisation}/ai",
     )
 
-    @field_validator("preload", mode="before")
+    def accepted_keys(self) -> list[str]:
+        """Every API key that opens the API; empty: no authentication."""
+        return [key for key in [self.api_key or "", *self.api_keys] if key]
+
+    @field_validator("preload", "api_keys", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,9 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import metrics
-from engine.errors import PayloadTooLargeError
+from engine.errors import AuthenticationError, PayloadTooLargeError
 from engine.service import Engine
 from engine.settings import Settings, load_settings
+from server.deps import key_accepted, presented_key
 from server.errors import envelope_for, install_error_handlers, log
 from server.infrai.routes import router as infrai_router
 from server.openai.generations import router as generations_router
@@ -89,6 +92,61 @@ class MetricsMiddleware:
         await self.app(scope, receive, timed_send)
 
 
+# Operational routes that expose the server itself; behind the API key when one is set
+# (setting guard_metrics_and_docs). /health and /ready stay open for probes.
+GUARDED_PATHS = ("/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+class OperationalGuardMiddleware:
+    """Refuses /metrics and the API docs without a key, in the OpenAI envelope."""
+
+    def __init__(self, app: ASGIApp, accepted: list[str]):
+        self.app = app
+        self.accepted = accepted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in GUARDED_PATHS:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            if not key_accepted(presented_key(headers), self.accepted):
+                error = AuthenticationError("Missing or incorrect API key: send it as "
+                                            "`Authorization: Bearer <key>` or "
+                                            "`x-api-key: <key>`.")
+                log.warning("%s %s → 401: no valid API key", scope["method"], scope["path"])
+                body = json.dumps(envelope_for(scope["path"])(error)).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")  # what is echoed; anything else: a new id
+
+
+class RequestIdMiddleware:
+    """Every response carries `x-request-id`: the caller's own (when it is a sane token),
+    else a new one."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, with_id)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or (engine.settings if engine else load_settings())
     engine = engine or Engine(settings)
@@ -129,4 +187,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    accepted = settings.accepted_keys()
+    if accepted and settings.guard_metrics_and_docs:
+        app.add_middleware(OperationalGuardMiddleware, accepted=accepted)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets one, 4xx too
+    if accepted:
+        log.info("API keys: %d accepted; every model route needs one%s", len(accepted),
+                 ", and /metrics and the docs" if settings.guard_metrics_and_docs else "")
+    else:
+        log.warning("no API key set (api_key, api_keys): every route is open to anyone who "
+                    "can reach this server")
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -19,15 +20,28 @@ async def get_engine(request: Request) -> Engine:
     return engine
 
 
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries: `Authorization: Bearer <key>` or `x-api-key: <key>`."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key") or None
+
+
+def key_accepted(presented: str | None, accepted: list[str]) -> bool:
+    """Compared with every key in constant time, so timing tells nothing of which is close."""
+    if presented is None:
+        return False
+    matches = [secrets.compare_digest(presented.encode(), key.encode()) for key in accepted]
+    return any(matches)
+
+
 async def require_api_key(request: Request) -> None:
-    """When `api_key` is set, every API route needs `Authorization: Bearer <key>`."""
-    expected = request.app.state.engine.settings.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):
-        raise AuthenticationError("Missing or incorrect API key in the Authorization header.")
+    """With API keys set (api_key, api_keys), every API route needs one of them."""
+    accepted = request.app.state.engine.settings.accepted_keys()
+    if accepted and not key_accepted(presented_key(request.headers), accepted):
+        raise AuthenticationError("Missing or incorrect API key: send it as "
+                                  "`Authorization: Bearer <key>` or `x-api-key: <key>`.")
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -27,13 +27,13 @@ def _matches(token: str, keys: list[str]) -> bool:
 async def require_organisation_key(organisation: str, request: Request) -> None:
     settings = request.app.state.engine.settings
     org_keys: dict[str, list[str]] = settings.organization_keys
-    if not settings.api_key and not org_keys:
+    server_wide = settings.accepted_keys()
+    if not server_wide and not org_keys:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError("Missing API key: send Authorization: Bearer <key>.")
-    server_wide = [settings.api_key] if settings.api_key else []
     if _matches(token, server_wide + org_keys.get(organisation, [])):
         return
     others = [key for org, keys in org_keys.items() if org != organisation for key in keys]

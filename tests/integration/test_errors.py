@@ -242,6 +242,36 @@ async def test_api_key_is_enforced_when_set(make_settings: Callable[..., Setting
         assert (await guarded.http.get("/health")).status_code == 200
 
 
+async def test_several_api_keys_either_header_and_guarded_metrics_and_docs(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMBER_API_KEYS=a,b once left the server open with no word; now each key opens the
+    API (as Bearer or x-api-key), nothing else does, and /metrics and the docs need one."""
+    monkeypatch.setenv("EMBER_API_KEYS", "key-one, key-two")
+    async with serve_in_process(make_settings()) as guarded:
+        http = guarded.http
+        for path in ("/v1/models", "/metrics", "/openapi.json", "/docs", "/redoc"):
+            refused = await http.get(path)
+            assert refused.status_code == 401, path
+            assert error_of(refused)["code"] == "invalid_api_key", path
+            wrong = await http.get(path, headers={"Authorization": "Bearer key-three"})
+            assert wrong.status_code == 401, path
+            assert (await http.get(path, headers={"x-api-key": "key-one"})).status_code == 200
+            assert (await http.get(path, headers={"Authorization": "Bearer key-two"})
+                    ).status_code == 200, path
+        for path in ("/health", "/ready"):
+            assert (await http.get(path)).status_code in (200, 503)
+
+
+async def test_every_response_carries_a_request_id(served: Served) -> None:
+    mine = await served.http.get("/health", headers={"x-request-id": "trace-42.a"})
+    assert mine.headers["x-request-id"] == "trace-42.a"
+    fresh = await served.http.post("/v1/chat/completions", json={})  # a 400 has one too
+    assert fresh.status_code == 400 and len(fresh.headers["x-request-id"]) == 32
+    odd = await served.http.get("/health", headers={"x-request-id": "x" * 500})
+    assert odd.headers["x-request-id"] != "x" * 500  # not echoed: replaced
+
+
 async def test_unknown_route_is_404_in_envelope(served: Served) -> None:
     response = await served.http.get("/v1/nothing-here")
     assert response.status_code == 404
