@@ -139,8 +139,9 @@ class Registry:
         entry = self._entries.get(name) or self._entries.get(self._aliases.get(name, ""))
         if entry is None:
             candidates = [e.id for e in self._entries.values() if task is None or e.task == task]
-            raise ModelNotFoundError(
-                f"The model {name!r} does not exist. Available"
+            shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name)} characters)"
+            raise ModelNotFoundError(  # a huge name is not echoed whole into errors and logs
+                f"The model {shown!r} does not exist. Available"
                 f"{' ' + task if task else ''} models: {', '.join(candidates) or 'none'}.",
                 param=param,
             )

@@ -298,3 +298,11 @@ async def test_extreme_seeds_decode_and_fail_nothing_batched_with_them(served: S
     ) for seed in (2**64 - 1, -(2**63), 0)))
     assert all(reply.choices[0].finish_reason for reply in replies)
     await still_serving(served)
+
+
+async def test_a_huge_model_name_is_not_echoed_whole(served: Served) -> None:
+    response = await served.http.post("/v1/chat/completions", json={
+        "model": "m" * 100_000, "messages": USER})
+    assert response.status_code == 404
+    message = error_of(response)["message"]
+    assert "100000 characters" in message and len(message) < 5000
