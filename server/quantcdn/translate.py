@@ -149,9 +149,16 @@ def constraint(body: ChatIn) -> OutputConstraint | None:
 
 
 def tool_use_json(calls: list[ToolCall]) -> dict[str, Any] | list[dict[str, Any]] | None:
-    """One call as an object, several as an array (the seed's two shapes), none as null."""
-    uses = [{"toolUseId": c.id, "name": c.name, "input": json.loads(c.arguments or "{}")}
-            for c in calls]
+    """One call as an object, several as an array (the seed's two shapes), none as null. A
+    call cut off by maxTokens (its input is not whole JSON) is left out: the finishReason
+    says `length`."""
+    uses = []
+    for call in calls:
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except json.JSONDecodeError:
+            continue
+        uses.append({"toolUseId": call.id, "name": call.name, "input": arguments})
     if not uses:
         return None
     return uses[0] if len(uses) == 1 else uses
