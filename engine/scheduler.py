@@ -351,10 +351,9 @@ class ChatScheduler:
             self.backend.fork(job.prefill_id, ids[1:])
         rows: np.ndarray = np.broadcast_to(row, (n, len(row)))
         if job.grammar is not None:  # each choice its own matcher, and its own masked row
-            for seq in job.sequences:
-                seq.matcher = job.grammar.deep_copy()
             rows = rows.copy()
             for seq, masked in zip(job.sequences, rows, strict=True):
+                seq.matcher = job.grammar.deep_copy()
                 mask_logits(seq.matcher, masked)
         tokens = choose_tokens(rows, [seq.sampler for seq in job.sequences])
         for seq in job.sequences:

@@ -100,8 +100,7 @@ def with_tool_calls(parsers: list[ToolCallParser],
     elif isinstance(event, ChoiceFinished):
         parser = parsers[event.index]
         pieces = parser.finish()
-        reason = event.finish_reason
-        if parser.calls and reason == "stop":
+        if parser.calls and event.finish_reason == "stop":
             event = ChoiceFinished(event.index, "tool_calls")
     else:
         return [event]
@@ -243,9 +242,9 @@ class Engine:
                 if request.echo:
                     for index in range(request.params.n):
                         yield TextDelta(index, prompt.text)
+                calls_tools = request.constraint is not None and request.constraint.calls_tools
                 parsers = ([ToolCallParser(i, tool_format) for i in range(request.params.n)]
-                           if tool_format is not None and request.constraint is not None
-                           and request.constraint.calls_tools else None)
+                           if calls_tools and tool_format is not None else None)
                 while (event := await queue.get()) is not _DONE:
                     if parsers is None:
                         yield event

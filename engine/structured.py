@@ -69,6 +69,22 @@ def _lark_literal(text: str, special: Callable[[str], bool] = lambda tag: False)
     return " ".join(pieces)
 
 
+def _call_rules(prefix: str, tools: list[ToolSpec], parallel: bool, fmt: ToolFormat,
+                special: Callable[[str], bool], lines: list[str]) -> tuple[str, str]:
+    """Appends one rule per function (`{prefix}_i`: its name, its arguments' schema, the
+    call's end) and `{prefix}_next` (a further call); returns the alternation of the
+    functions and the repetition that allows further calls."""
+    for index, tool in enumerate(tools):
+        schema = json.dumps(_json_schema(tool.parameters), separators=(",", ":"))
+        lines.append(f"{prefix}_{index}: {_lark_literal(tool.name + fmt.after_name)} "
+                     f"%json {schema} {_lark_literal(fmt.after_arguments, special)}")
+    functions = "(" + " | ".join(f"{prefix}_{index}" for index in range(len(tools))) + ")"
+    lines.append(f"{prefix}_next: {_lark_literal(fmt.separator + fmt.head, special)} "
+                 f"{functions}")
+    more = f" {prefix}_next{{0,{MAX_CALLS - 1}}}" if parallel else ""
+    return functions, more
+
+
 def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
                       fmt: ToolFormat, special: Callable[[str], bool] = lambda tag: False
                       ) -> str:
@@ -82,24 +98,12 @@ def tool_call_grammar(tools: tuple[ToolSpec, ...], choice: str, parallel: bool,
     A call's arguments are constrained by its function's `parameters` schema."""
     allowed = [tool for tool in tools if choice in ("auto", "required") or tool.name == choice]
     lines = ["%llguidance {}"]
-    for index, tool in enumerate(allowed):
-        schema = json.dumps(_json_schema(tool.parameters), separators=(",", ":"))
-        lines.append(f"fn_{index}: {_lark_literal(tool.name + fmt.after_name)} "
-                     f"%json {schema} {_lark_literal(fmt.after_arguments, special)}")
-    functions = "(" + " | ".join(f"fn_{index}" for index in range(len(allowed))) + ")"
-    more = f" next_call{{0,{MAX_CALLS - 1}}}" if parallel else ""
-    lines.append(f"next_call: {_lark_literal(fmt.separator + fmt.head, special)} {functions}")
+    functions, more = _call_rules("fn", allowed, parallel, fmt, special, lines)
     if choice == "auto" and fmt.open:
         # A reply may also open with the call's JSON alone (see ToolFormat.bare).
         bare = fmt.bare()
-        for index, tool in enumerate(allowed):
-            schema = json.dumps(_json_schema(tool.parameters), separators=(",", ":"))
-            lines.append(f"bare_{index}: {_lark_literal(tool.name + bare.after_name)} "
-                         f"%json {schema} {_lark_literal(bare.after_arguments)}")
-        bare_functions = "(" + " | ".join(f"bare_{i}" for i in range(len(allowed))) + ")"
-        bare_more = f" bare_next{{0,{MAX_CALLS - 1}}}" if parallel else ""
-        lines += [f"bare_next: {_lark_literal(bare.separator + bare.head)} {bare_functions}",
-                  f"bare_opener[lazy]: {_lark_literal(bare.head)}",
+        bare_functions, bare_more = _call_rules("bare", allowed, parallel, bare, special, lines)
+        lines += [f"bare_opener[lazy]: {_lark_literal(bare.head)}",
                   f"bare_calls: bare_opener {bare_functions}{bare_more}"]
     if choice == "auto":
         rest = fmt.head[len(fmt.trigger):]
@@ -177,7 +181,6 @@ class GrammarCompiler:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
         self._compiled: OrderedDict[str, Any] = OrderedDict()
-        self.compile_seconds: list[float] = []  # for the benchmark
 
     def tokenizer(self) -> Any:
         with self._lock:

@@ -45,6 +45,7 @@ from server.infrai.schemas import (
 from server.openai.images import parse_size
 from server.responses import JSON
 from server.streaming import prime, sse_response
+from server.tools_wire import tool_call_delta, tool_calls_json
 
 router = APIRouter(prefix="/v1/ai", dependencies=[Depends(require_api_key)])
 
@@ -125,7 +126,7 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
                     yield {"delta": {"content": event.text}, "finish_reason": None, "index": 0}
                 elif isinstance(event, ToolCallDelta):
                     calls.append(event)
-                    yield {"delta": translate.tool_call_delta(event), "finish_reason": None,
+                    yield {"delta": tool_call_delta(event), "finish_reason": None,
                            "index": 0}
                 elif isinstance(event, ChoiceFinished):
                     finish = event.finish_reason
@@ -137,7 +138,7 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
                         reply: dict[str, Any] = {"content": text, "finish_reason": finish,
                                                  "usage": usage}
                         if calls:
-                            reply["tool_calls"] = translate.tool_calls_json(join_deltas(calls))
+                            reply["tool_calls"] = tool_calls_json(join_deltas(calls))
                         future.set_result(translate.with_metadata(reply, meta))
         except BaseException as error:
             if key is not None and future is not None:

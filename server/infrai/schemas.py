@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.tools_wire import ToolIn
+from server.tools_wire import NamedFunction, ToolCallIn, ToolIn
 
 Prefer = Literal["balanced", "cheapest", "smartest"]
 TaskName = Literal["general", "reasoning", "coding", "long_context"]
@@ -19,21 +19,6 @@ class Body(BaseModel):
 
     model: str | None = Field(None, min_length=1)
     vendor: str | None = None
-
-
-class FunctionCallIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str = Field(min_length=1)
-    arguments: str = ""
-
-
-class ToolCallIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str = ""
-    type: Literal["function"] = "function"
-    function: FunctionCallIn
 
 
 class ChatMessageIn(BaseModel):
@@ -64,10 +49,6 @@ class ResponseFormatIn(BaseModel):
 
     def schema_object(self) -> dict[str, Any] | None:
         return self.json_schema.schema_ if self.json_schema is not None else self.schema_
-
-
-class NamedFunction(BaseModel):
-    name: str = Field(min_length=1)
 
 
 class NamedToolChoice(BaseModel):

@@ -16,14 +16,11 @@ from engine.types import (
     GenerationResult,
     ImageInput,
     OutputConstraint,
-    ResponseFormat,
     SamplingParams,
-    ToolCall,
-    ToolCallDelta,
     Transcription,
 )
 from server.infrai.schemas import Body, ChatIn, MediaRef, NamedToolChoice, VisionIn
-from server.tools_wire import tool_specs
+from server.tools_wire import history_calls, output_constraint, tool_calls_json
 
 VENDOR = "ember"
 # vendor: only greedy replies, which a fresh run would repeat, are served from the cache;
@@ -58,8 +55,7 @@ def chat_request(body: ChatIn, router: Router) -> Routed:
     check_vendor(body)
     messages = [
         ChatMessage(role=m.role, content=m.content or "", tool_call_id=m.tool_call_id,
-                    tool_calls=tuple(ToolCall(c.id, c.function.name, c.function.arguments)
-                                     for c in m.tool_calls or []))
+                    tool_calls=history_calls(m.tool_calls))
         for m in body.messages]
     if not messages or not any(m.content.strip() or m.tool_calls for m in messages):
         raise InvalidRequestError("messages must hold some text", param="messages")
@@ -75,38 +71,11 @@ def chat_request(body: ChatIn, router: Router) -> Routed:
 
 
 def constraint(body: ChatIn) -> OutputConstraint | None:
-    response_format = None
-    if body.response_format is not None and body.response_format.type != "text":
-        schema = body.response_format.schema_object()
-        if body.response_format.type == "json_schema" and schema is None:
-            raise InvalidRequestError("a json_schema response_format needs its schema",
-                                      param="response_format.json_schema.schema")
-        response_format = ResponseFormat(body.response_format.type, schema)
-    choice = body.tool_choice
-    if response_format is None and not body.tools and choice is None:
-        return None
-    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-    return OutputConstraint(
-        response_format=response_format, tools=tool_specs(body.tools),
-        tool_choice=named or choice or "auto",  # type: ignore[arg-type]  # a str by now
-        parallel_tool_calls=body.parallel_tool_calls,
-        param="response_format.json_schema.schema" if response_format is not None
-        and response_format.type == "json_schema" else "response_format",
-        tool_parameters_param="tools[{index}].function.parameters")
-
-
-def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    return [{"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-
-
-def tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
-    """A streamed piece of a call, in OpenAI's delta shape: the first names it."""
-    call: dict[str, Any] = {"index": delta.call, "function": {"arguments": delta.arguments}}
-    if delta.id is not None:
-        call.update(id=delta.id, type="function")
-        call["function"]["name"] = delta.name
-    return {"tool_calls": [call]}
+    fmt, choice = body.response_format, body.tool_choice
+    return output_constraint(
+        fmt.type if fmt is not None else None, fmt.schema_object() if fmt is not None else None,
+        "", body.tools, choice.function.name if isinstance(choice, NamedToolChoice) else choice,
+        body.parallel_tool_calls)
 
 
 def sampling(temperature: float | None, max_tokens: int | None) -> SamplingParams:

@@ -37,6 +37,7 @@ from server.openai.schemas import (
 )
 from server.responses import JSON
 from server.streaming import prime, sse_response
+from server.tools_wire import tool_call_delta
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -75,7 +76,7 @@ async def _chat_frames(
         if isinstance(event, TextDelta):
             yield frame(event.index, {"content": event.text})
         elif isinstance(event, ToolCallDelta):
-            yield frame(event.index, translate.tool_call_chunk(event))
+            yield frame(event.index, tool_call_delta(event))
         elif isinstance(event, ChoiceFinished):
             yield frame(event.index, {}, event.finish_reason)
         elif include_usage and isinstance(event, Usage):

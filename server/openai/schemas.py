@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.tools_wire import ToolIn
+from server.tools_wire import NamedFunction, ToolCallIn, ToolIn
 
 log = logging.getLogger("ember.http")
 
@@ -25,27 +25,12 @@ class WireModel(BaseModel):
             log.debug("%s: ignoring unknown fields %s", path, unknown)
 
 
-class FunctionCallIn(WireModel):
-    name: str = Field(min_length=1)
-    arguments: str = ""
-
-
-class ToolCallIn(WireModel):
-    id: str = ""
-    type: Literal["function"] = "function"
-    function: FunctionCallIn
-
-
 class ChatMessageIn(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
-
-
-class NamedFunction(WireModel):
-    name: str = Field(min_length=1)
 
 
 class NamedToolChoice(WireModel):

@@ -19,10 +19,7 @@ from engine.types import (
     GenerationResult,
     ImageInput,
     OutputConstraint,
-    ResponseFormat,
     SamplingParams,
-    ToolCall,
-    ToolCallDelta,
     Usage,
 )
 from server.openai.schemas import (
@@ -33,7 +30,7 @@ from server.openai.schemas import (
     NamedToolChoice,
     SamplingFields,
 )
-from server.tools_wire import tool_specs
+from server.tools_wire import history_calls, output_constraint, tool_calls_json
 
 
 def new_id(prefix: str) -> str:
@@ -82,10 +79,9 @@ def _image_part(part: dict[str, Any], where: str) -> ImageInput:
 
 def _message(message: ChatMessageIn, index: int) -> ChatMessage:
     if message.content is None or isinstance(message.content, str):
-        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments)
-                      for c in message.tool_calls or [])
         return ChatMessage(role=message.role, content=message.content or "",
-                           tool_calls=calls, tool_call_id=message.tool_call_id)
+                           tool_calls=history_calls(message.tool_calls),
+                           tool_call_id=message.tool_call_id)
     parts: list[str | ImageInput] = []
     for part_index, part in enumerate(message.content):
         where = f"messages[{index}].content[{part_index}]"
@@ -105,28 +101,13 @@ def _message(message: ChatMessageIn, index: int) -> ChatMessage:
 
 
 def _constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
-    response_format = None
-    if body.response_format is not None and body.response_format.type != "text":
-        spec = body.response_format.json_schema
-        if body.response_format.type == "json_schema" and (spec is None or spec.schema_ is None):
-            raise InvalidRequestError(
-                "Missing required parameter: 'response_format.json_schema.schema'.",
-                param="response_format.json_schema.schema", code="missing_required_parameter")
-        response_format = ResponseFormat(
-            body.response_format.type, spec.schema_ if spec is not None else None,
-            spec.name if spec is not None else "")
-    tools = tool_specs(body.tools)
-    choice = body.tool_choice
-    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-    if response_format is None and not tools and choice is None:
-        return None
-    return OutputConstraint(
-        response_format=response_format, tools=tools,
-        tool_choice=named or choice or "auto",  # type: ignore[arg-type]  # a str by now
-        parallel_tool_calls=body.parallel_tool_calls is not False,
-        param="response_format.json_schema.schema" if body.response_format is not None
-        and body.response_format.type == "json_schema" else "response_format",
-    )
+    fmt, choice = body.response_format, body.tool_choice
+    spec = fmt.json_schema if fmt is not None else None
+    return output_constraint(
+        fmt.type if fmt is not None else None, spec.schema_ if spec is not None else None,
+        spec.name if spec is not None else "", body.tools,
+        choice.function.name if isinstance(choice, NamedToolChoice) else choice,
+        body.parallel_tool_calls is not False)
 
 
 def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
@@ -174,26 +155,12 @@ def usage_json(usage: Usage) -> dict[str, int]:
     }
 
 
-def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    return [{"id": c.id, "type": "function",
-             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-
-
 def assistant_message(choice: Choice) -> dict[str, Any]:
     """OpenAI's message: content null when the reply is only tool calls."""
     if not choice.tool_calls:
         return {"role": "assistant", "content": choice.text}
     return {"role": "assistant", "content": choice.text or None,
             "tool_calls": tool_calls_json(choice.tool_calls)}
-
-
-def tool_call_chunk(delta: ToolCallDelta) -> dict[str, Any]:
-    """A streamed piece of a call: the first names it, the rest add to its arguments."""
-    call: dict[str, Any] = {"index": delta.call, "function": {"arguments": delta.arguments}}
-    if delta.id is not None:
-        call.update(id=delta.id, type="function")
-        call["function"]["name"] = delta.name
-    return {"tool_calls": [call]}
 
 
 def chat_response(name: str, request_id: str, result: GenerationResult) -> dict[str, Any]:
