@@ -13,6 +13,10 @@ lookup that answers differently is never made. Redirects are followed by hand, a
 (`trust_env=False`): a proxy would connect on our behalf to an address we never vetted.
 The body is streamed and cut off at `fetch_max_bytes`; the whole fetch, DNS and redirects
 included, must finish within `fetch_timeout_s`. Every refusal is a 400 naming the field.
+
+`vet_media_url` is what can be checked without connecting anywhere (the scheme, the host and
+every address it resolves to, a data: URI's type and size); callers run it before they look the
+model up, so a bad URL is refused even when the model is missing, and fetch only afterwards.
 """
 
 from __future__ import annotations
@@ -232,6 +236,26 @@ async def _get(
         return None, bytes(body)
     finally:
         await response.aclose()
+
+
+async def vet_media_url(url: str, settings: Settings, param: str,
+                        kind: MediaKind = IMAGE) -> bytes | None:
+    """Everything about a caller's media URL that is checked without a connection: a data: URI
+    is decoded (its bytes returned); an http(s) URL has its scheme, host and credentials checked
+    and its host resolved, every address vetted, and None is returned: `fetch_media` fetches it
+    later, vetting again each address it really connects to. Raises InvalidRequestError."""
+    if url[:5].lower() == "data:":
+        return decode_data_uri(url, param, settings.fetch_max_bytes, kind)
+    checked = _checked_url(url, param, kind)
+    timeout_s = settings.fetch_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            await vetted_address(checked, param, settings.fetch_allow_private, kind)
+    except TimeoutError as exc:
+        raise InvalidRequestError(
+            f"resolving the host of {url} took longer than {timeout_s:g}s", param=param
+        ) from exc
+    return None
 
 
 async def fetch_image(url: str, settings: Settings, param: str = "url") -> bytes:

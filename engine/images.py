@@ -1,11 +1,16 @@
-"""Image generation: the one implementation every dialect calls. Validation and image decoding
-run on worker threads, the pipeline on the compute thread through the model's `Batcher`, and
-results are encoded (png, jpeg, webp) off the event loop."""
+"""Image generation: the one implementation every dialect calls. The checks that need no model
+come first, before the model is looked up, so a bad field is a 400 even when the model is
+unknown or not installed; the model's own limits (its largest side, steps, prompt length) are
+checked by its adapter once it is loaded. Image decoding runs on worker threads, the pipeline on
+the compute thread through the model's `Batcher`, and results are encoded (png, jpeg, webp)
+off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -16,6 +21,12 @@ from engine.manager import ModelManager
 from engine.types import GeneratedImage, ImageRequest, ImageResult
 
 MAX_IMAGES = 10  # OpenAI's limit on `n`
+# What every image model of ember takes, whatever its own limits: latent diffusion works on an
+# 8-pixel grid, from 64 pixels a side; seeds are torch's 64-bit generator seeds.
+SIDE_MULTIPLE = 8
+MIN_SIDE = 64
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 30.0
 IMAGE_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"),
                  "webp": ("WEBP", "image/webp")}
 
@@ -25,9 +36,10 @@ IMAGE_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"),
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-def decode_image(data: bytes, param: str) -> Image.Image:
-    """A caller's image (chat image parts, edit inputs and masks) loaded with PIL, in its own
-    mode; anything PIL cannot read, or too large, is a 400 naming `param`."""
+@contextmanager
+def _opened(data: bytes, param: str) -> Iterator[Image.Image]:
+    """A caller's image opened with PIL (its header read, its pixels not yet decoded), within
+    the pixel cap; anything PIL cannot read, or too large, is a 400 naming `param`."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
             width, height = opened.size
@@ -37,8 +49,7 @@ def decode_image(data: bytes, param: str) -> Image.Image:
                     "are accepted",
                     param=param,
                 )
-            opened.load()  # truncated data fails here, not later in a model
-            return opened.copy()
+            yield opened
     except InvalidRequestError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -46,6 +57,74 @@ def decode_image(data: bytes, param: str) -> Image.Image:
             f"{param} is not an image that can be decoded (PNG, JPEG, WebP, GIF, ...): {exc}",
             param=param,
         ) from exc
+
+
+def decode_image(data: bytes, param: str) -> Image.Image:
+    """A caller's image (chat image parts, edit inputs and masks) loaded with PIL, in its own
+    mode; anything PIL cannot read, or too large, is a 400 naming `param`."""
+    with _opened(data, param) as opened:
+        opened.load()  # truncated data fails here, not later in a model
+        return opened.copy()
+
+
+def check_input_images(image: bytes | None, mask: bytes | None) -> None:
+    """The input image and mask of an edit or variation, from their headers alone (cheap: no
+    pixels are decoded): each must be an image within the pixel cap, and a mask must have the
+    image's size and an alpha channel (transparent = repaint). Blocking: run it off the loop."""
+    if image is None:
+        return
+    with _opened(image, "image") as opened:
+        size = opened.size
+    if mask is None:
+        return
+    with _opened(mask, "mask") as opened:
+        if opened.size != size:
+            raise InvalidRequestError(
+                f"mask is {opened.size[0]}x{opened.size[1]} but image is {size[0]}x{size[1]}; "
+                "they must match", param="mask",
+            )
+        if "A" not in opened.getbands():
+            raise InvalidRequestError(
+                "mask must be a PNG with an alpha channel (transparent = repaint)", param="mask"
+            )
+
+
+def check_image_request(request: ImageRequest) -> None:
+    """The checks of an image request that need no model (made before it is looked up)."""
+    if not 1 <= request.n <= MAX_IMAGES:
+        raise InvalidRequestError(f"n must be between 1 and {MAX_IMAGES}; got {request.n}",
+                                  param="n")
+    if request.output_format not in IMAGE_FORMATS:
+        raise InvalidRequestError(
+            f"output_format must be one of {', '.join(IMAGE_FORMATS)}; got "
+            f"{request.output_format!r}", param="output_format",
+        )
+    if request.mode != "variation" and not request.prompt.strip():
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if (request.width is None) != (request.height is None):
+        raise InvalidRequestError("give both sides of the size, or neither", param="size")
+    if request.width is not None and request.height is not None:
+        for side in (request.width, request.height):
+            if side % SIDE_MULTIPLE or side < MIN_SIDE:
+                raise InvalidRequestError(
+                    f"size {request.width}x{request.height} is not supported: each side must "
+                    f"be a multiple of {SIDE_MULTIPLE}, at least {MIN_SIDE} (and at most the "
+                    "model's largest side)",
+                    param="size",
+                )
+    if request.steps is not None and request.steps < 1:
+        raise InvalidRequestError(f"num_inference_steps must be at least 1; got {request.steps}",
+                                  param="num_inference_steps")
+    if request.guidance_scale is not None and not 0 <= request.guidance_scale <= MAX_GUIDANCE:
+        raise InvalidRequestError(
+            f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}; got "
+            f"{request.guidance_scale}", param="guidance_scale",
+        )
+    if request.strength is not None and not 0 < request.strength <= 1:
+        raise InvalidRequestError(f"strength must be in (0, 1]; got {request.strength}",
+                                  param="strength")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n:
+        raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}", param="seed")
 
 
 def encode_image(image: Any, fmt: str) -> tuple[bytes, str]:
@@ -56,14 +135,9 @@ def encode_image(image: Any, fmt: str) -> tuple[bytes, str]:
 
 
 async def generate_images(manager: ModelManager, request: ImageRequest) -> ImageResult:
-    if not 1 <= request.n <= MAX_IMAGES:
-        raise InvalidRequestError(f"n must be between 1 and {MAX_IMAGES}; got {request.n}",
-                                  param="n")
-    if request.output_format not in IMAGE_FORMATS:
-        raise InvalidRequestError(
-            f"output_format must be one of {', '.join(IMAGE_FORMATS)}; got "
-            f"{request.output_format!r}", param="output_format",
-        )
+    check_image_request(request)  # before the model is looked up, loaded or found missing
+    if request.image is not None:
+        await asyncio.to_thread(check_input_images, request.image, request.mask)
     async with manager.lease(request.model, "image") as slot:
         jobs = await asyncio.to_thread(slot.adapter.prepare, request)
         try:

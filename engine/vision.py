@@ -1,5 +1,10 @@
 """Image inputs of chat requests: which model serves a request that carries images, and
-fetching and decoding those images before the request is queued."""
+fetching and decoding those images before the request is queued.
+
+The order, for every dialect: `vet_images` first (the count, and each URL checked without a
+connection, data: URIs decoded), before the model is looked up, so a bad URL is a 400 even when
+the model is missing or not installed; then `chat_entry` (the model, installed); only then
+`load_images` fetches."""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ import asyncio
 from PIL import Image
 
 from engine.errors import InvalidRequestError, ModelUnavailableError, UnsupportedFeatureError
-from engine.fetch import fetch_image
+from engine.fetch import IMAGE, fetch_image, vet_media_url
 from engine.images import decode_image
 from engine.registry import ModelEntry, Registry
 from engine.settings import Settings
-from engine.sources import is_installed
+from engine.sources import is_installed, resolve_source
 from engine.types import GenerationRequest, ImageInput
 
 
@@ -27,7 +32,11 @@ def chat_entry(registry: Registry, request: GenerationRequest) -> ModelEntry:
     if entry.task != "vision":
         entry = registry.resolve(request.model, "chat")  # a 400 for embedding models & co.
     images = request.images()
-    if not images or entry.task == "vision":
+    if entry.task == "vision":
+        if images:
+            resolve_source(entry)  # not installed: a 503 saying how, before fetching any image
+        return entry
+    if not images:
         return entry
     target = entry.options.get("vision_model")
     if target:
@@ -60,9 +69,10 @@ def decode_rgb(data: bytes, param: str) -> Image.Image:
     return decode_image(data, param).convert("RGB")
 
 
-async def load_images(request: GenerationRequest, settings: Settings) -> None:
-    """Fetch (through the guarded fetcher) and decode every image of the request, in place.
-    Runs before the request is queued, so a bad image is a 400 that costs no model time."""
+async def vet_images(request: GenerationRequest, settings: Settings) -> list[bytes | None]:
+    """The request's images checked without connecting anywhere, before the model is looked
+    up: their number, and each URL (`vet_media_url`). Returns each image's bytes where it came
+    as a data: URI, None where `load_images` is to fetch it."""
     images = request.images()
     if len(images) > settings.max_images_per_request:
         raise InvalidRequestError(
@@ -70,12 +80,31 @@ async def load_images(request: GenerationRequest, settings: Settings) -> None:
             "are accepted per request",
             param=images[settings.max_images_per_request].part,
         )
+    tasks = [asyncio.ensure_future(vet_media_url(image.url, settings, image.param, IMAGE))
+             for image in images]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:  # the first refusal stops the other lookups
+        for task in tasks:
+            task.cancel()
 
-    async def load(image: ImageInput) -> None:
-        data = await fetch_image(image.url, settings, image.param)
+
+async def load_images(request: GenerationRequest, settings: Settings,
+                      vetted: list[bytes | None] | None = None) -> None:
+    """Fetch (through the guarded fetcher) and decode every image of the request, in place.
+    Runs before the request is queued, so a bad image is a 400 that costs no model time.
+    `vetted` is what `vet_images` returned for the request (it is run here if not given)."""
+    images = request.images()
+    if vetted is None:
+        vetted = await vet_images(request, settings)
+
+    async def load(image: ImageInput, data: bytes | None) -> None:
+        if data is None:
+            data = await fetch_image(image.url, settings, image.param)
         image.image = await asyncio.to_thread(decode_rgb, data, image.part)
 
-    tasks = [asyncio.ensure_future(load(image)) for image in images]
+    tasks = [asyncio.ensure_future(load(image, data))
+             for image, data in zip(images, vetted, strict=True)]
     try:
         await asyncio.gather(*tasks)
     finally:  # the first refusal stops the other fetches

@@ -211,8 +211,8 @@ async def embed(body: EmbedIn, request: Request, engine: EngineDep) -> Any:
 @cancel_on_disconnect
 async def image(body: ImageIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
+    width, height = parse_size(body.size)  # a bad size is a 400 before any model is picked
     model = body.model or engine.router.pick("image", "general", body.prefer)
-    width, height = parse_size(body.size)
     result = await engine.generate_images(ImageRequest(
         model=model, prompt=body.prompt, n=body.n, width=width, height=height,
     ))

@@ -164,6 +164,94 @@ async def test_bad_edit_requests_get_400(served: Served) -> None:
         assert response.json()["error"]["param"] == param
 
 
+# sd-turbo is in the registry but never pulled here; no-such-model is not in it at all.
+ABSENT_IMAGE_MODELS = ["sd-turbo", "no-such-model"]
+# Checks that need no model: each is a 400 even when the model is not installed (or unknown).
+STATIC_GENERATION_ERRORS: list[tuple[dict[str, Any], str]] = [
+    ({"size": "100x100"}, "size"),  # not a multiple of 8
+    ({"size": "32x32"}, "size"),  # under 64 pixels a side
+    ({"size": "big"}, "size"),
+    ({"n": 11}, "n"),
+    ({"n": 0}, "n"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"guidance_scale": 50}, "guidance_scale"),
+    ({"output_format": "gif"}, "output_format"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+]
+
+
+@pytest.mark.parametrize("model", ABSENT_IMAGE_MODELS)
+@pytest.mark.parametrize(("fields", "param"), STATIC_GENERATION_ERRORS)
+async def test_bad_fields_are_400_before_the_model_is_found_missing(
+    served: Served, model: str, fields: dict[str, Any], param: str
+) -> None:
+    body = {"model": model, "prompt": "a cat", **fields}
+    response = await served.http.post("/v1/images/generations", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("model", ABSENT_IMAGE_MODELS)
+async def test_bad_edits_and_variations_are_400_before_the_model_is_found_missing(
+    served: Served, model: str,
+) -> None:
+    picture = png_bytes(Image.new("RGB", (64, 64)))
+    small_mask = png_bytes(Image.new("RGBA", (32, 32)))
+    cases: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
+        ("edits", {"image": ("a.png", b"not an image")}, {"prompt": "x"}, "image"),
+        ("edits", {"image": ("a.png", picture), "mask": ("m.png", small_mask)},
+         {"prompt": "x"}, "mask"),
+        ("edits", {"image": ("a.png", picture), "mask": ("m.png", picture)},  # no alpha
+         {"prompt": "x"}, "mask"),
+        ("edits", {"image": ("a.png", picture)}, {"prompt": " "}, "prompt"),
+        ("edits", {"image": ("a.png", picture)}, {"prompt": "x", "size": "100x100"}, "size"),
+        ("variations", {"image": ("a.png", b"GIF89a broken")}, {}, "image"),
+        ("variations", {"image": ("a.png", picture)}, {"size": "72x10"}, "size"),
+        ("variations", {"image": ("a.png", picture)}, {"strength": "0"}, "strength"),
+    ]
+    for route, files, data, param in cases:
+        response = await served.http.post(f"/v1/images/{route}", files=files,
+                                          data={"model": model, **data})
+        assert response.status_code == 400, (route, param, response.text)
+        assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("model", ABSENT_IMAGE_MODELS)
+async def test_gateway_image_routes_check_fields_before_the_model(
+    served: Served, model: str,
+) -> None:
+    """seed 001 `/v1/ai/image` and QuantCDN image-generation, in their own envelopes."""
+    seed_cases: list[tuple[dict[str, Any], str]] = [
+        ({"prompt": "  "}, "prompt"), ({"size": "100x100"}, "size"), ({"size": "huge"}, "size"),
+        ({"n": 11}, "n")]
+    for fields, param in seed_cases:
+        response = await served.http.post(
+            "/v1/ai/image", json={"model": model, "prompt": "a cat", **fields})
+        assert response.status_code == 400, (fields, response.text)
+        error = response.json()["error"]
+        assert error["status"] == 400 and error["param"] == param, error
+    picture = base64.b64encode(png_bytes(Image.new("RGB", (64, 64)))).decode()
+    config = "imageGenerationConfig"
+    quant_cases: list[tuple[dict[str, Any], str]] = [
+        ({"taskType": "TEXT_IMAGE", "textToImageParams": {"text": "x"},
+          config: {"width": 100, "height": 64}}, f"{config}.width"),
+        ({"taskType": "TEXT_IMAGE", "textToImageParams": {"text": "   "}},
+         "textToImageParams.text"),
+        ({"taskType": "IMAGE_VARIATION",
+          "imageVariationParams": {"images": [base64.b64encode(b"not an image").decode()]}},
+         "imageVariationParams.images[0]"),
+        ({"taskType": "IMAGE_VARIATION", "imageVariationParams": {"images": [picture]},
+          config: {"width": 40, "height": 40}}, f"{config}.width"),
+    ]
+    for body, param in quant_cases:
+        response = await served.http.post("/api/v3/organizations/acme/ai/image-generation",
+                                          json={"modelId": model, **body})
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()
+        assert error["error"] is True and error["param"] == param, error
+
+
 async def test_a_preset_that_was_never_pulled_says_how_to_get_it(served: Served) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         await served.openai.images.generate(model="sd-turbo", prompt="a cat")

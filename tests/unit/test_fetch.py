@@ -14,7 +14,7 @@ from engine.errors import (
     UnsupportedFeatureError,
     WrongTaskError,
 )
-from engine.fetch import address_refusal, decode_data_uri, fetch_image
+from engine.fetch import AUDIO, address_refusal, decode_data_uri, fetch_image, vet_media_url
 from engine.registry import ModelEntry, Registry
 from engine.settings import Settings
 from engine.sources import is_installed
@@ -109,6 +109,39 @@ async def test_refused_urls_never_connect(url: str, words: str) -> None:
     assert caught.value.param == PARAM and caught.value.status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("file:///etc/passwd", "'file' scheme"),
+        ("gopher://127.0.0.1:9/_x", "'gopher' scheme"),
+        ("http://127.0.0.1:9/a.png", "loopback"),
+        ("http://0x7f000001:9/a.png", "loopback"),
+        ("http://[::ffff:10.0.0.1]/a.png", "private"),
+        ("http://localhost:9/a.png", "resolves to"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("https://user:pw@example.com/a.png", "credentials"),
+        ("data:text/plain;base64,aGVsbG8=", "image/* type"),
+        ("http://no-such-host.invalid/a.png", "cannot resolve"),
+    ],
+)
+async def test_vetting_a_url_refuses_without_connecting(url: str, words: str) -> None:
+    settings = Settings(preload=[], fetch_timeout_s=5)
+    with pytest.raises(InvalidRequestError) as caught:
+        await vet_media_url(url, settings, PARAM)
+    assert words in caught.value.message and caught.value.param == PARAM
+
+
+async def test_vetting_decodes_data_uris_and_passes_public_urls() -> None:
+    settings = Settings(preload=[])
+    encoded = base64.b64encode(b"RIFF fake wav").decode()
+    assert await vet_media_url(f"data:audio/wav;base64,{encoded}", settings, "audio.url",
+                               AUDIO) == b"RIFF fake wav"
+    with pytest.raises(InvalidRequestError, match="audio/\\* type"):
+        await vet_media_url(f"data:image/png;base64,{encoded}", settings, "audio.url", AUDIO)
+    # A public literal address passes: nothing is fetched (fetch_media does that later).
+    assert await vet_media_url("http://93.184.215.14/a.png", settings, PARAM) is None
+
+
 async def test_allowing_private_addresses_still_refuses_other_schemes() -> None:
     settings = Settings(preload=[], fetch_allow_private=True)
     with pytest.raises(InvalidRequestError, match="'file' scheme"):
@@ -156,6 +189,11 @@ def test_images_route_to_vision_models(tmp_path: Path) -> None:
     assert "vlm-missing" not in caught.value.message  # only installed ones are offered
     with pytest.raises(ModelUnavailableError, match="ember pull vlm-missing"):
         chat_entry(registry, _request("sees-nothing"))
+    # Named directly, a vision model that is not installed is refused before any image is
+    # fetched for it; text alone still resolves (the model manager says it is missing).
+    with pytest.raises(ModelUnavailableError, match="vlm-missing"):
+        chat_entry(registry, _request("vlm-missing"))
+    assert chat_entry(registry, _request("vlm-missing", images=False)).id == "vlm-missing"
     with pytest.raises(WrongTaskError):
         chat_entry(registry, _request("embed", images=False))
 
