@@ -99,7 +99,8 @@ class _Sink(io.RawIOBase):
 
 def wav_header(sample_rate: int, data_bytes: int = 0xFFFFFFFF) -> bytes:
     """16-bit mono WAV header. Streamed WAV has no known length: the sizes say 'unknown'
-    (0xFFFFFFFF), which FFmpeg, browsers and OpenAI's own streamed WAV use."""
+    (0xFFFFFFFF), which FFmpeg, libsndfile, browsers and OpenAI's own streamed WAV use; a
+    whole clip gets its real sizes."""
     riff_size = 0xFFFFFFFF if data_bytes == 0xFFFFFFFF else 36 + data_bytes
     return (
         b"RIFF" + struct.pack("<I", riff_size) + b"WAVE"
@@ -108,24 +109,43 @@ def wav_header(sample_rate: int, data_bytes: int = 0xFFFFFFFF) -> bytes:
     )
 
 
+# Formats whose header must carry the stream's length for every reader to accept the file:
+# FLAC's STREAMINFO holds the total sample count, and with 0 ("unknown", all a streaming muxer
+# can write) libsndfile takes the length as unbounded and cannot read the file. They are
+# encoded into a seekable buffer, where the muxer rewrites the header when the stream ends,
+# and come out whole from `finish`.
+WHOLE_FILE_FORMATS = frozenset({"flac"})
+
+
 class AudioEncoder:
     """Mono float32 samples at `source_rate` in, bytes of `fmt` at `rate` out, chunk by chunk.
 
     `encode` returns what is ready now (possibly nothing, while an encoder fills a frame);
     `finish` flushes the rest. Concatenated, the outputs are one valid file.
+
+    With `streaming` (the default), mp3, opus, aac, wav and pcm come out as they are encoded
+    (wav with 'unknown' sizes); FLAC always comes out whole from `finish`, its header holding
+    the length (see WHOLE_FILE_FORMATS). With `streaming=False` every format is written whole
+    at `finish`, headers complete: WAV sizes, and the mp3 muxer's Xing/LAME frame (frame count,
+    encoder delay and padding, so decoders trim to the exact length).
     """
 
-    def __init__(self, fmt: str, source_rate: int, rate: int = OUTPUT_RATE):
+    def __init__(
+        self, fmt: str, source_rate: int, rate: int = OUTPUT_RATE, *, streaming: bool = True
+    ):
         self.fmt = fmt
         self.rate = rate
         self._source_rate = source_rate
         self._pts = 0
         self._started = False
+        self._whole = not streaming or fmt in WHOLE_FILE_FORMATS
+        self._pcm = bytearray()  # wav held for `finish` when whole
         self._to_s16 = av.AudioResampler(format="s16", layout="mono", rate=rate)
         self._container: Any = None
         if fmt in _CONTAINERS:
             container_format, codec = _CONTAINERS[fmt]
-            self._sink = _Sink()
+            # A seekable buffer lets the muxer go back and complete the header at the end.
+            self._sink: _Sink | io.BytesIO = io.BytesIO() if self._whole else _Sink()
             self._container = av.open(self._sink, mode="w", format=container_format)
             self._stream = self._container.add_stream(codec, rate=rate, layout="mono")
         elif fmt not in ("wav", "pcm"):
@@ -142,13 +162,21 @@ class AudioEncoder:
         frame.sample_rate = self._source_rate
         return list(self._to_s16.resample(frame))
 
+    def _raw(self, frames: list[Any], flush: bool) -> bytes:
+        data = b"".join(frame.to_ndarray().tobytes() for frame in frames)
+        if self.fmt == "pcm":
+            return data
+        if self._whole:
+            self._pcm += data
+            return (wav_header(self.rate, len(self._pcm)) + bytes(self._pcm)) if flush else b""
+        if not self._started:
+            self._started = True
+            data = wav_header(self.rate) + data
+        return data
+
     def _encode(self, frames: list[Any], flush: bool) -> bytes:
         if self._container is None:
-            data = b"".join(frame.to_ndarray().tobytes() for frame in frames)
-            if self.fmt == "wav" and not self._started:
-                data = wav_header(self.rate) + data
-            self._started = True
-            return data
+            return self._raw(frames, flush)
         for frame in frames:
             frame.pts = self._pts
             self._pts += frame.samples
@@ -157,8 +185,10 @@ class AudioEncoder:
         if flush:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
-            self._container.close()
-        return self._sink.drain()
+            self._container.close()  # writes the trailer; in a seekable buffer, the header too
+            if isinstance(self._sink, io.BytesIO):
+                return self._sink.getvalue()
+        return self._sink.drain() if isinstance(self._sink, _Sink) else b""
 
     def encode(self, samples: np.ndarray) -> bytes:
         return self._encode(self._frames(samples), flush=False)
@@ -168,6 +198,6 @@ class AudioEncoder:
 
 
 def encode_audio(samples: np.ndarray, source_rate: int, fmt: str, rate: int = OUTPUT_RATE) -> bytes:
-    """A whole clip in one call (tests and benchmarks make input files with it)."""
-    encoder = AudioEncoder(fmt, source_rate, rate)
+    """A whole clip in one call (music jobs, tests and benchmarks), its header complete."""
+    encoder = AudioEncoder(fmt, source_rate, rate, streaming=False)
     return encoder.encode(samples) + encoder.finish()

@@ -131,41 +131,54 @@ def check_speech(request: SpeechRequest) -> None:
 
 
 async def speak(manager: ModelManager, request: SpeechRequest) -> AsyncIterator[SpeechChunk]:
-    """Audio a sentence at a time, in order, as each is synthesized. The first sentence is
-    phonemized and queued alone, so its audio is on the way while espeak-ng works through the
-    rest."""
+    """Audio a sentence at a time, in order, as each is synthesized. The first sentence with
+    something to pronounce is phonemized and queued alone, so its audio is on the way while
+    espeak-ng works through the rest. Sentences with nothing to pronounce ("...") are skipped;
+    input with nothing at all to pronounce is a 400 before any audio exists."""
     check_speech(request)
     async with manager.lease(request.model, "tts") as slot:
         adapter, runner = slot.adapter, slot.runner
         sentences = adapter.sentences(request)
-        first = await asyncio.to_thread(adapter.prepare, request, sentences[:1])
-        rest = asyncio.create_task(asyncio.to_thread(adapter.prepare, request, sentences[1:]))
+        first: list[Any] = []
+        taken = 0
+        while not first and taken < len(sentences):
+            first = await asyncio.to_thread(adapter.prepare, request, sentences[taken:taken + 1])
+            taken += 1
+        if not first:
+            raise InvalidRequestError(
+                "input has nothing to pronounce (only punctuation or symbols the voice cannot "
+                "say)", param="input",
+            )
+        rest = asyncio.create_task(
+            asyncio.to_thread(adapter.prepare, request, sentences[taken:])
+        )
         try:
-            spoken = False
             for batch in (first, None):
                 utterances = batch if batch is not None else await rest
                 if not utterances:
                     continue
                 async with contextlib.aclosing(runner.stream(utterances)) as stream:
                     async for samples in stream:
-                        spoken = True
                         seconds = len(samples) / adapter.sample_rate
                         metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(seconds)
                         yield SpeechChunk(samples, adapter.sample_rate)
-            if not spoken:
-                raise InvalidRequestError("input has nothing to pronounce", param="input")
         finally:
             rest.cancel()
 
 
-async def encoded_speech(chunks: AsyncIterator[SpeechChunk], fmt: str) -> AsyncIterator[bytes]:
+async def encoded_speech(
+    chunks: AsyncIterator[SpeechChunk], fmt: str, *, streaming: bool = True
+) -> AsyncIterator[bytes]:
     """Synthesized speech in `fmt`, each sentence encoded as it arrives (on a worker thread: an
     encoder call costs milliseconds), so the first bytes leave before the last sentence is
-    synthesized. Closing this closes `chunks`, which stops the synthesis."""
+    synthesized (FLAC excepted: its header holds the length, so it comes whole at the end).
+    `streaming=False`, for a caller that joins the parts into one file anyway, completes every
+    header (WAV sizes, mp3's Xing frame). Closing this closes `chunks`, which stops the
+    synthesis."""
     encoder: AudioEncoder | None = None
     async with aclosing(chunks):  # type: ignore[type-var]
         async for chunk in chunks:
-            encoder = encoder or AudioEncoder(fmt, chunk.sample_rate)
+            encoder = encoder or AudioEncoder(fmt, chunk.sample_rate, streaming=streaming)
             if data := await asyncio.to_thread(encoder.encode, chunk.samples):
                 yield data
     if encoder is not None and (data := await asyncio.to_thread(encoder.finish)):

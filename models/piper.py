@@ -76,6 +76,8 @@ def espeak_phonemes(sentence: str, voice: str) -> str:
         for line in result.stdout.decode().splitlines()
     ]
     clauses = [c for c in clauses if c]
+    if not clauses:  # nothing to pronounce ("...", "?", a dash): no marks to put back either
+        return ""
     marks = [m.group()[0] for m in _CLAUSE_MARKS.finditer(sentence)]
     if marks and not _CLAUSE_MARKS.search(sentence[-1]):
         marks.append("")
@@ -92,6 +94,14 @@ def phoneme_ids(phonemes: str, id_map: dict[str, list[int]]) -> list[int]:
         if char in id_map:
             ids += [*id_map[char], *id_map[PAD]]
     return [*ids, *id_map[EOS]]
+
+
+def speakable(phonemes: str, id_map: dict[str, list[int]]) -> bool:
+    """Whether the phonemes hold a sound the voice knows (punctuation and spaces alone are
+    pauses, not speech): a sentence without one is skipped, not spoken."""
+    return any(
+        char.isalpha() and char in id_map for char in unicodedata.normalize("NFD", phonemes)
+    )
 
 
 class PiperVoice(ModelAdapter):
@@ -168,14 +178,16 @@ class PiperVoice(ModelAdapter):
     def prepare(self, request: SpeechRequest, sentences: list[str] | None = None) -> list[
             Utterance]:
         """Sentences → phoneme ids (one espeak-ng process per sentence, ~15 ms each).
-        Sentences with nothing to pronounce are dropped."""
+        Sentences with nothing to pronounce ("...", a lone "?") are dropped, so the result may
+        be empty; the caller decides whether that is an error."""
         speaker = self._speaker(request.voice)
         length_scale = self.length_scale / request.speed
         utterances = []
         for sentence in self.sentences(request) if sentences is None else sentences:
-            ids = phoneme_ids(espeak_phonemes(sentence, self.espeak_voice), self.id_map)
-            if len(ids) > 3:  # more than BOS, PAD, EOS: something to say
-                utterances.append(Utterance(ids, length_scale, speaker))
+            phonemes = espeak_phonemes(sentence, self.espeak_voice)
+            if speakable(phonemes, self.id_map):
+                utterances.append(Utterance(phoneme_ids(phonemes, self.id_map), length_scale,
+                                            speaker))
         return utterances
 
     @staticmethod
