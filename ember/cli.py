@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
+
+import yaml
 
 from engine.errors import EmberError
+from engine.logs import configure_logging
 from engine.registry import Registry
 from engine.settings import Settings, load_settings
 from engine.sources import PACKAGE_PREFIX, is_installed, is_local_source
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -34,20 +29,25 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)
 
+
+def serve(args: argparse.Namespace) -> int:
+    # Until uvicorn takes the signals over (imports, app set-up), SIGTERM/SIGINT exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_quietly)
     from server.app import create_app
+    from server.serving import serve as serve_app
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"ember serving at http://{shown_host}:{settings.port}/v1 "
           f"(OpenAI base_url); loading: {', '.join(app.state.engine.preload_ids()) or 'on demand'}",
           flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+    serve_app(app, settings)
     return 0
 
 
@@ -92,6 +92,23 @@ def pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def new_key(args: argparse.Namespace) -> int:
+    """A fresh API key, printed once, and its keys-file entry (which holds only its hash)."""
+    from engine.access import KeyEntry, hash_key
+    from engine.access import new_key as make_key
+
+    key = make_key()
+    entry = KeyEntry(name=args.name, hash=hash_key(key), models=args.models, routes=args.routes,
+                     organizations=args.organizations,
+                     requests_per_minute=args.requests_per_minute,
+                     tokens_per_minute=args.tokens_per_minute,
+                     max_concurrent_streams=args.max_concurrent_streams)
+    print(f"API key (shown once; ember stores only its hash): {key}", file=sys.stderr)
+    print("# add to the keys file (setting api_keys_file), under `keys:`", file=sys.stderr)
+    print(yaml.safe_dump([entry.model_dump(exclude_none=True)], sort_keys=False), end="")
+    return 0
+
+
 BENCHMARKS = ("overhead", "sweep", "speech", "images", "jobs", "chat_backends", "structured")
 
 
@@ -122,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     pull_p.add_argument("model", help="model id or alias")
     pull_p.add_argument("--config", type=Path)
     pull_p.set_defaults(func=pull, preload=None)
+
+    keys_p = sub.add_parser("keys", help="API keys for the keys file")
+    keys_sub = keys_p.add_subparsers(dest="keys_command", required=True)
+    new_p = keys_sub.add_parser("new", help="make a key; print it and its keys-file entry")
+    new_p.add_argument("--name", required=True, help="shown in logs and metrics, never the key")
+    for flag in ("models", "routes", "organizations"):
+        new_p.add_argument(f"--{flag}", type=lambda v: [p for p in v.split(",") if p],
+                           help=f"comma-separated {flag} the key is limited to")
+    for flag in ("requests-per-minute", "tokens-per-minute", "max-concurrent-streams"):
+        new_p.add_argument(f"--{flag}", type=int)
+    new_p.set_defaults(func=new_key)
 
     bench_p = sub.add_parser("bench", help="run a benchmark against same-run baselines")
     bench_p.add_argument("which", choices=BENCHMARKS)

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from engine import metrics
 from engine.compute import ComputeThread
-from engine.errors import DeadlineExceededError, OverloadedError
+from engine.errors import DeadlineExceededError, ModelUnavailableError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,11 @@ class Batcher(Generic[In, Out]):
     def pending(self) -> int:
         """Items queued or being computed."""
         return len(self._queue) + self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch (not yet computing)."""
+        return len(self._queue)
 
     @property
     def load_fraction(self) -> float:
@@ -160,8 +165,9 @@ class Batcher(Generic[In, Out]):
         self._compute.remove(self)
         with self._cond:
             left, self._queue = self._queue, []
+        gone = ModelUnavailableError(f"{self.name!r} was unloaded (or the server is shutting down)")
         for item in left:
-            self._resolve(item, error=RuntimeError(f"{self.name!r} was unloaded"))
+            self._resolve(item, error=gone)
 
     # -- the compute thread ------------------------------------------------------------------
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class ComputeThread:
         self._runners: list[Steppable] = []
         self._closed = False
         self._next = 0
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -47,15 +51,39 @@ class ComputeThread:
         with self.cond:
             self._runners = [r for r in self._runners if r is not runner]
 
+    def between_steps(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn` on the compute thread once the step in progress (if any) has ended, so it
+        never races a step (a runner shutting down, a model about to be unloaded)."""
+        future: Future[Any] = Future()
+        with self.cond:
+            if self._closed or not self._thread.is_alive():
+                closed = True
+            else:
+                closed = False
+                self._calls.append((fn, future))
+                self.cond.notify()
+        if closed:  # no thread to race: run it here
+            self._run_calls([(fn, future)])
+        return future
+
     def close(self) -> None:
         with self.cond:
             self._closed = True
             self.cond.notify()
         self._thread.join(timeout=10)
 
+    @staticmethod
+    def _run_calls(calls: list[tuple[Callable[[], Any], Future[Any]]]) -> None:
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
     def _pick(self) -> Steppable | None:
-        """Under `cond`: the next runner with a ready step, round-robin; waits until one is."""
-        while not self._closed:
+        """Under `cond`: the next runner with a ready step, round-robin; waits until one is
+        (or until a call is queued, which the loop runs first)."""
+        while not self._closed and not self._calls:
             now = time.monotonic()
             soonest: float | None = None
             count = len(self._runners)
@@ -74,8 +102,13 @@ class ComputeThread:
         while True:
             with self.cond:
                 runner = self._pick()
+                calls, self._calls = list(self._calls), deque()
+                closed = self._closed
+            self._run_calls(calls)
             if runner is None:
-                return
+                if closed:
+                    return
+                continue
             try:
                 runner.step()
             except Exception:  # a runner's bug must not stop every model

@@ -46,6 +46,14 @@ class AuthenticationError(EmberError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(EmberError):
+    """A valid key that is not allowed this model, route or organisation."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
 class ModelNotFoundError(EmberError):
     status_code = 404
     error_type = "invalid_request_error"

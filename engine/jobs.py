@@ -40,6 +40,8 @@ from engine.sources import resolve_source
 
 log = logging.getLogger(__name__)
 
+CANCEL_WAIT_S = 30.0  # longest a cancel waits for a running job's step to end
+
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 JOB_STATUSES: tuple[str, ...] = ("queued", "running", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
@@ -340,10 +342,16 @@ class JobRunner:
         return await asyncio.to_thread(self.store.page, status, limit, after)
 
     async def cancel(self, job_id: str) -> Job:
+        """Cancel a job; a running one stops at its next step, and the answer waits for that
+        (up to CANCEL_WAIT_S) so it says `cancelled`, not `processing`."""
         job = await asyncio.to_thread(self.store.request_cancel, job_id, self.settings.job_ttl_s)
-        if job.id in self._running:
-            self._running[job.id][1].set()
-        return job
+        if job.id not in self._running:
+            return job
+        self._running[job.id][1].set()
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while job.id in self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return await self.get(job_id)
 
     # -- the workers ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from engine import metrics
+from engine.access import current_caller
 from engine.backends import BackendChoice, choose_backend
 from engine.compute import ComputeThread
 from engine.devices import resolve_device, resolve_dtype
@@ -32,6 +33,7 @@ from engine.errors import (
     EmberError,
     ModelLoadError,
     ModelUnavailableError,
+    PermissionDeniedError,
 )
 from engine.registry import ModelEntry, Registry, Task
 from engine.runners import Runner, make_runner
@@ -173,6 +175,13 @@ class ModelManager:
                 await self._unload(slot)
         self.compute.close()
 
+    def end_in_flight(self) -> None:
+        """Fail what every loaded model's runner holds (between steps); the models stay."""
+        for slot in self._slots.values():
+            runner = slot.loaded_runner
+            if slot.state is ModelState.READY and runner is not None:
+                self.compute.between_steps(runner.shutdown)
+
     # -- leases ------------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -180,6 +189,11 @@ class ModelManager:
         """`async with manager.lease("gpt-4o-mini", "chat") as slot:` → a READY slot that
         cannot be unloaded until the block exits."""
         slot = self._slots[self.registry.resolve(name, task).id]
+        caller = current_caller.get()
+        if caller is not None and not caller.may_use_model({name, slot.entry.id,
+                                                            *slot.entry.aliases}):
+            raise PermissionDeniedError(f"API key {caller.name!r} may not use model "
+                                        f"{slot.entry.id!r}.", param="model")
         slot.leases += 1
         try:
             await self._ensure_loaded(slot)
@@ -270,8 +284,8 @@ class ModelManager:
         adapter, runner = slot.adapter, slot.loaded_runner
         slot.adapter, slot.loaded_runner, slot.state = None, None, ModelState.AVAILABLE
         metrics.MODEL_LOADED.labels(slot.entry.id).set(0)
-        if runner is not None:
-            runner.shutdown()
+        if runner is not None:  # between steps: a step in progress ends before the model goes
+            await asyncio.wrap_future(self.compute.between_steps(runner.shutdown))
         if adapter is not None:
             await run_in_fresh_thread(adapter.unload)
         log.info("unloaded %s", slot.entry.id)
@@ -344,7 +358,7 @@ class ModelManager:
             default=entry.default, error=slot.error, device=slot.device, dtype=slot.dtype,
             memory_bytes=slot.memory_bytes if slot.state is ModelState.READY else 0,
             load_seconds=slot.load_seconds, active_requests=slot.leases,
-            queued_requests=slot.loaded_runner.pending if slot.loaded_runner else 0,
+            queued_requests=slot.loaded_runner.queued if slot.loaded_runner else 0,
             description=entry.description, license=entry.license,
             backend=slot.backend, backend_note=slot.backend_note,
             sampling_defaults=self._sampling_defaults(slot),

@@ -18,6 +18,9 @@ class Runner(Protocol):
     def pending(self) -> int: ...
 
     @property
+    def queued(self) -> int: ...
+
+    @property
     def load_fraction(self) -> float: ...
 
     def shutdown(self) -> None: ...
@@ -28,6 +31,7 @@ class JobSlotRunner:
     their queue, so the loaded model needs no runner of its own."""
 
     pending = 0
+    queued = 0
     load_fraction = 0.0
 
     def shutdown(self) -> None:

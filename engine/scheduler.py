@@ -41,6 +41,7 @@ from engine.errors import (
     ContextLengthExceededError,
     DeadlineExceededError,
     InvalidRequestError,
+    ModelUnavailableError,
     OverloadedError,
 )
 from engine.sampling import SamplerState, choose_tokens
@@ -146,6 +147,11 @@ class ChatScheduler:
         return len(self._waiting) + self._admitted_jobs
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for admission (not yet running)."""
+        return len(self._waiting)
+
+    @property
     def active_sequences(self) -> int:
         return len(self._running)
 
@@ -230,7 +236,7 @@ class ChatScheduler:
         self._compute.remove(self)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        gone = RuntimeError(f"{self.name!r} was unloaded")
+        gone = ModelUnavailableError(f"{self.name!r} was unloaded (or the server is shutting down)")
         for job in waiting:
             job.future.set_exception(gone)
         self._fail(self._jobs_in_flight(), gone)

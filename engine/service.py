@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine import chat_jobs, images, metrics, ranking, speech, vision
+from engine.access import AccessPolicy, current_caller
 from engine.artifacts import ArtifactStore
 from engine.cache import IdempotencyStore, ResponseCache
 from engine.chat_backend import ChatBackend, PromptInput
@@ -125,6 +126,7 @@ class Engine:
         self._preloading: asyncio.Task[None] | None = None
         self.artifacts = ArtifactStore(settings.data_dir / "files", settings.artifact_ttl_s)
         self.jobs = JobRunner(settings, self.manager, self.artifacts)
+        self.access = AccessPolicy(settings.accepted_keys(), settings.api_keys_file)
         self._purging: asyncio.Task[None] | None = None
         # What the gateway dialects add on top: routing by task/prefer, the response cache,
         # idempotency keys, and chat as a job kind (batch mode).
@@ -184,6 +186,11 @@ class Engine:
         if self._preloading is not None:
             await asyncio.shield(self._preloading)
 
+    def end_in_flight(self) -> None:
+        """The drain deadline has passed: every request still running or queued ends now with
+        a 503 (streams get an error frame), so shutdown never cuts a response silently."""
+        self.manager.end_in_flight()
+
     async def stop(self) -> None:
         for task in (self._preloading, self._purging):
             if task is not None and not task.done():
@@ -210,10 +217,13 @@ class Engine:
         Closing the iterator early (client gone) stops decoding at the next step.
         """
         self._check_generation(request)
-        entry = vision.chat_entry(self.registry, request)
         has_images = bool(request.images())
+        # Image URLs are vetted (no connection) before the model is looked up: a bad URL is a
+        # 400 even when the model is missing; they are fetched once it is known to be there.
+        vetted = await vision.vet_images(request, self.settings) if has_images else None
+        entry = vision.chat_entry(self.registry, request)
         if has_images:
-            await vision.load_images(request, self.settings)
+            await vision.load_images(request, self.settings, vetted)
         async with self.manager.lease(entry.id) as slot:
             backend, runner = slot.adapter, slot.runner
             if has_images:  # image preprocessing takes milliseconds or more
@@ -254,6 +264,8 @@ class Engine:
                 usage: Usage = future.result()
                 metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(usage.prompt_tokens)
                 metrics.GENERATED_TOKENS.labels(slot.entry.id).inc(usage.completion_tokens)
+                if (caller := current_caller.get()) is not None:
+                    caller.charge_tokens(usage.prompt_tokens + usage.completion_tokens)
                 yield usage
             finally:
                 cancelled.set()
@@ -279,6 +291,53 @@ class Engine:
             choice.tool_calls = join_deltas(deltas)
         return GenerationResult(model=request.model, choices=choices, usage=usage)
 
+    def _check_all(self, requests: list[GenerationRequest]) -> None:
+        check_count(len(requests), self.settings.max_prompts, "prompt", "max_prompts")
+        for request in requests:
+            self._check_generation(request)
+
+    async def generate_all(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Several prompts of one request, decoded concurrently (batched together); the
+        first failure cancels the others."""
+        self._check_all(requests)
+        tasks = [asyncio.create_task(self.generate(request)) for request in requests]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stream_all(
+        self, requests: list[GenerationRequest]
+    ) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        """The events of several prompts as they are decoded concurrently, each with its
+        prompt's index; closing the iterator stops them all."""
+        self._check_all(requests)
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            try:
+                async for event in self.stream(request):
+                    queue.put_nowait((index, event))
+            finally:
+                queue.put_nowait((index, _DONE))
+
+        tasks = [asyncio.create_task(pump(i, request)) for i, request in enumerate(requests)]
+        try:
+            running = len(tasks)
+            while running:
+                index, event = await queue.get()
+                if event is _DONE:
+                    running -= 1
+                    await tasks[index]  # raises that prompt's error
+                else:
+                    yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- embeddings --------------------------------------------------------------------------
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -296,6 +355,8 @@ class Engine:
             vectors = await slot.runner.submit_all(inputs)
             metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
             metrics.EMBEDDED_INPUTS.labels(slot.entry.id).inc(count)
+            if (caller := current_caller.get()) is not None:
+                caller.charge_tokens(tokens)
             matrix = truncate_dimensions(np.stack(vectors), request.dimensions)
             return EmbeddingResult(model=request.model, vectors=matrix, prompt_tokens=tokens)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator
@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text (with date and request id) or one JSON object each"
+    )
+    drain_timeout_s: float = Field(
+        30, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests and streams may "
+                              "run on before they are ended with a 503"
+    )
 
     registry_file: Path | None = Field(
         None, description="model registry YAML; the packaged configs/models.yaml by default"
@@ -72,6 +79,9 @@ class Settings(BaseSettings):
         7200, gt=0, description="longest audio a transcription or translation may upload"
     )
     max_n: int = Field(8, gt=0, description="largest `n` a chat/completion request may ask for")
+    max_prompts: int = Field(
+        64, gt=0, description="most prompts one /v1/completions request may carry"
+    )
     artifact_ttl_s: float = Field(
         3600, gt=0, description="how long generated files stay at /v1/files/{id}/content"
     )
@@ -92,10 +102,21 @@ class Settings(BaseSettings):
         description="more accepted API keys, comma-separated (EMBER_API_KEYS=a,b); with "
                     "api_key, any one of them opens the API",
     )
+    api_keys_file: Path | None = Field(
+        None, description="YAML keys file: salted key hashes (`ember keys new`), each with "
+                          "optional model/route/organisation scopes and per-key limits",
+    )
+    allow_open_access: bool = Field(
+        False, description="serve a non-loopback address with no API key (refused otherwise)"
+    )
     guard_metrics_and_docs: bool = Field(
         True, description="with API keys set, /metrics, /docs, /redoc and /openapi.json need "
                           "one too (/health and /ready stay open)",
     )
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="browser origins allowed to call the API "
+                                          "(comma-separated, `*` for any); none by default")
 
     # Image inputs of vision chat (engine/fetch.py).
     fetch_allow_private: bool = Field(
@@ -137,7 +158,7 @@ class Settings(BaseSettings):
         """Every API key that opens the API; empty: no authentication."""
         return [key for key in [self.api_key or "", *self.api_keys] if key]
 
-    @field_validator("preload", "api_keys", mode="before")
+    @field_validator("preload", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -11,16 +12,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import metrics
-from engine.errors import AuthenticationError, PayloadTooLargeError
+from engine import logs, metrics
+from engine.access import AccessPolicy
+from engine.errors import AuthenticationError, EmberError, PayloadTooLargeError
 from engine.service import Engine
 from engine.settings import Settings, load_settings
-from server.deps import key_accepted, presented_key
+from server.deps import KEY_HINT, presented_key
 from server.errors import envelope_for, install_error_handlers, log
 from server.infrai.routes import router as infrai_router
 from server.openai.generations import router as generations_router
@@ -100,17 +103,15 @@ GUARDED_PATHS = ("/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/opena
 class OperationalGuardMiddleware:
     """Refuses /metrics and the API docs without a key, in the OpenAI envelope."""
 
-    def __init__(self, app: ASGIApp, accepted: list[str]):
+    def __init__(self, app: ASGIApp, policy: AccessPolicy):
         self.app = app
-        self.accepted = accepted
+        self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in GUARDED_PATHS:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            if not key_accepted(presented_key(headers), self.accepted):
-                error = AuthenticationError("Missing or incorrect API key: send it as "
-                                            "`Authorization: Bearer <key>` or "
-                                            "`x-api-key: <key>`.")
+            if self.policy.authenticate(presented_key(headers)) is None:
+                error = AuthenticationError(f"Missing or incorrect API key: {KEY_HINT}.")
                 log.warning("%s %s → 401: no valid API key", scope["method"], scope["path"])
                 body = json.dumps(envelope_for(scope["path"])(error)).encode()
                 await send({"type": "http.response.start", "status": 401,
@@ -121,11 +122,14 @@ class OperationalGuardMiddleware:
 
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")  # what is echoed; anything else: a new id
+access_log = logging.getLogger("ember.access")
 
 
-class RequestIdMiddleware:
+class RequestContextMiddleware:
     """Every response carries `x-request-id`: the caller's own (when it is a sane token),
-    else a new one."""
+    else a new one. The id is in every log line written for the request and in its error
+    bodies; one access-log line is written when the request ends, also when the client left
+    before a response (status 499)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -136,15 +140,59 @@ class RequestIdMiddleware:
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
+        token = logs.request_id.set(request_id.decode())
         scope.setdefault("state", {})["request_id"] = request_id.decode()
+        started = time.perf_counter()
+        status = 499  # nginx's "client closed request": no response head was sent
 
         async def with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", request_id)]
             await send(message)
 
-        await self.app(scope, receive, with_id)
+        try:
+            await self.app(scope, receive, with_id)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info('%s "%s %s" %d %.1fms', client[0], scope["method"], scope["path"],
+                            status, (time.perf_counter() - started) * 1000)
+            logs.request_id.reset(token)
+
+
+class UnhandledErrorMiddleware:
+    """A bug in a route answers 500 in the dialect's envelope and keeps the connection open.
+    (Starlette's own last-resort handler re-raises, and uvicorn then drops the keep-alive
+    connection, so the client's next request on it fails with a reset.)"""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:  # the head is out: all that is left is to end the response
+                await send({"type": "http.response.body", "body": b""})
+                return
+            error = EmberError(f"Internal error: {type(exc).__name__}")
+            body = json.dumps(envelope_for(scope["path"])(error)).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -185,14 +233,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             metrics.QUEUE_DEPTH.labels(status.id).set(status.queued_requests)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
-    accepted = settings.accepted_keys()
-    if accepted and settings.guard_metrics_and_docs:
-        app.add_middleware(OperationalGuardMiddleware, accepted=accepted)
-    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets one, 4xx too
-    if accepted:
-        log.info("API keys: %d accepted; every model route needs one%s", len(accepted),
+    policy = engine.access
+    if policy.enabled and settings.guard_metrics_and_docs:
+        app.add_middleware(OperationalGuardMiddleware, policy=policy)
+    if settings.cors_origins:  # outside the key check: a preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["x-request-id", "retry-after"])
+    app.add_middleware(RequestContextMiddleware)  # outermost: every response has an id
+    if policy.enabled:
+        log.info("API keys: %d accepted; every model route needs one%s", len(policy),
                  ", and /metrics and the docs" if settings.guard_metrics_and_docs else "")
     else:
         log.warning("no API key set (api_key, api_keys): every route is open to anyone who "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from engine.errors import AuthenticationError
+from engine.access import Caller, current_caller
+from engine.errors import AuthenticationError, PermissionDeniedError
 from engine.service import Engine
 
 # Dependencies are `async def`: FastAPI runs plain `def` ones on a thread pool, a thread hop per
@@ -28,20 +28,42 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-api-key") or None
 
 
-def key_accepted(presented: str | None, accepted: list[str]) -> bool:
-    """Compared with every key in constant time, so timing tells nothing of which is close."""
-    if presented is None:
-        return False
-    matches = [secrets.compare_digest(presented.encode(), key.encode()) for key in accepted]
-    return any(matches)
+KEY_HINT = "send it as `Authorization: Bearer <key>` or `x-api-key: <key>`"
+
+
+def authenticate(request: Request) -> Caller | None:
+    """The request's caller; None when the server runs without keys; 401 for a missing or
+    unknown key."""
+    policy = request.app.state.engine.access
+    if not policy.enabled:
+        return None
+    caller = policy.authenticate(presented_key(request.headers))
+    if caller is None:
+        raise AuthenticationError(f"Missing or incorrect API key: {KEY_HINT}.")
+    return caller
+
+
+def admit(caller: Caller, request: Request) -> None:
+    """Within the key's route scope and its per-minute limits; then `current_caller` for the
+    engine's own checks (model scope, tokens, streams)."""
+    path = request.url.path
+    if not caller.may_use_route(path):
+        raise PermissionDeniedError(f"API key {caller.name!r} may not use {path}.")
+    caller.admit_request(route_template(request))
+    current_caller.set(caller)
 
 
 async def require_api_key(request: Request) -> None:
-    """With API keys set (api_key, api_keys), every API route needs one of them."""
-    accepted = request.app.state.engine.settings.accepted_keys()
-    if accepted and not key_accepted(presented_key(request.headers), accepted):
-        raise AuthenticationError("Missing or incorrect API key: send it as "
-                                  "`Authorization: Bearer <key>` or `x-api-key: <key>`.")
+    """With API keys set, every API route needs one, within the key's route scope and its
+    per-minute request and token limits."""
+    caller = authenticate(request)
+    if caller is not None:
+        admit(caller, request)
+
+
+def route_template(request: Request) -> str:
+    """The route's path template (/v1/files/{file_id}), a bounded metrics label."""
+    return str(getattr(request.scope.get("route"), "path", request.url.path))
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

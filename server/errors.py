@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine import logs
 from engine.errors import (
     EmberError,
     InvalidRequestError,
@@ -35,6 +36,7 @@ def openai_envelope(error: EmberError) -> dict[str, Any]:
             "type": error.error_type,
             "param": error.param,
             "code": error.code,
+            "request_id": logs.request_id.get(),
         }
     }
 
@@ -89,6 +91,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     if first.get("type") == "json_invalid":
         return InvalidRequestError("The request body is not valid JSON.", code="invalid_json")
     field, tried = _field_path(tuple(first.get("loc", ())))
+    if first.get("type") == "missing" and not field:
+        return InvalidRequestError("The request body is empty: send a JSON object.",
+                                   code="missing_body")
     if first.get("type") == "missing" and not tried:
         return InvalidRequestError(f"Missing required parameter: '{field}'.", param=field,
                                    code="missing_required_parameter")
@@ -127,10 +132,6 @@ def install_error_handlers(app: FastAPI) -> None:
             error = EmberError(str(exc.detail))
             error.status_code = exc.status_code
             error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-            error.code = None
+            # Starlette raises these for bodies it cannot parse (a broken multipart form).
+            error.code = "invalid_body" if exc.status_code == 400 else f"http_{exc.status_code}"
         return error_response(request, error)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, EmberError(f"Internal error: {type(exc).__name__}"))

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
 
+from engine.access import current_caller
 from engine.errors import EmberError
 from server.responses import dumps
 
@@ -19,20 +22,28 @@ T = TypeVar("T")
 
 async def prime(events: AsyncIterator[T]) -> AsyncIterator[T]:
     """Pull the first event now: tokenization, limit checks and queue admission happen before
-    it, so their errors reach the caller as a normal error response, not a broken stream."""
+    it, so their errors reach the caller as a normal error response, not a broken stream.
+    The caller's key holds one of its concurrent streams until the stream ends."""
+    holding = contextlib.ExitStack()
     try:
+        if (caller := current_caller.get()) is not None:
+            holding.enter_context(caller.stream("stream"))
         first = await anext(events)
     except BaseException:
+        holding.close()
         await events.aclose()  # type: ignore[attr-defined]
         raise
 
     async def chained() -> AsyncIterator[T]:
-        async with aclosing(events):  # type: ignore[type-var]
-            yield first
-            async for event in events:
-                yield event
+        with holding:
+            async with aclosing(events):  # type: ignore[type-var]
+                yield first
+                async for event in events:
+                    yield event
 
-    return chained()
+    stream = chained()
+    weakref.finalize(stream, holding.close)  # also when the stream is never iterated
+    return stream
 
 
 def sse_response(
@@ -48,6 +59,9 @@ def sse_response(
             except EmberError as error:
                 log.warning("stream ended with %s: %s", error.code, error.message)
                 yield b"data: " + dumps(envelope(error)) + b"\n\n"
+            except Exception as exc:  # a bug mid-stream still ends it with a frame saying so
+                log.exception("stream failed")
+                yield b"data: " + dumps(envelope(EmberError(f"Internal error: {exc}"))) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(

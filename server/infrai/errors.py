@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine import logs
 from engine.errors import EmberError
 
 RETRYABLE = (429, 503, 504)
@@ -21,6 +22,7 @@ def infrai_envelope(error: EmberError) -> dict[str, Any]:
             "param": error.param,
             "status": error.status_code,
             "retryable": error.status_code in RETRYABLE,
+            "request_id": logs.request_id.get(),
         }
     }
 

@@ -92,35 +92,34 @@ async def completions(
     gens = translate.completion_requests(body)
     request_id = gens[0].request_id
     if not body.stream:
-        results = [await engine.generate(gen) for gen in gens]
+        results = await engine.generate_all(gens)
         return JSON(translate.completion_response(body.model, request_id, results))
-    first = await prime(engine.stream(gens[0]))
+    events = await prime(engine.stream_all(gens))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    frames = _completion_frames(body, request_id, include_usage, first, engine, gens[1:])
+    frames = _completion_frames(body, request_id, include_usage, events)
     return sse_response(frames, openai_envelope)
 
 
 async def _completion_frames(
     body: CompletionRequest, request_id: str, include_usage: bool,
-    first: AsyncIterator[GenerationEvent], engine: Engine, rest: list[Any],
+    events: AsyncIterator[tuple[int, GenerationEvent]],
 ) -> AsyncIterator[dict[str, Any]]:
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": body.model}
     extra = {"usage": None} if include_usage else {}
     total = Usage(0, 0)
-    streams = [first, *(engine.stream(gen) for gen in rest)]
-    for prompt_index, events in enumerate(streams):
-        offset = prompt_index * body.n
-        async for event in events:
-            if isinstance(event, Usage):
-                total = Usage(total.prompt_tokens + event.prompt_tokens,
-                              total.completion_tokens + event.completion_tokens)
-                continue
-            text = event.text if isinstance(event, TextDelta) else ""
-            finish = event.finish_reason if isinstance(event, ChoiceFinished) else None
-            choice = {"index": offset + event.index, "text": text, "logprobs": None,
-                      "finish_reason": finish}
-            yield {**head, "choices": [choice], **extra}
+    async for prompt_index, event in events:
+        if isinstance(event, Usage):
+            total = Usage(total.prompt_tokens + event.prompt_tokens,
+                          total.completion_tokens + event.completion_tokens)
+            continue
+        if isinstance(event, ToolCallDelta):
+            continue  # completions take no tools
+        text = event.text if isinstance(event, TextDelta) else ""
+        finish = event.finish_reason if isinstance(event, ChoiceFinished) else None
+        choice = {"index": prompt_index * body.n + event.index, "text": text,
+                  "logprobs": None, "finish_reason": finish}
+        yield {**head, "choices": [choice], **extra}
     if include_usage:
         yield {**head, "choices": [], "usage": translate.usage_json(total)}
 

@@ -1,9 +1,10 @@
 """Organisation-scoped API keys for `/api/v3/organizations/{organisation}/ai/*`.
 
-With neither `api_key` nor `organization_keys` set, the routes are open. Otherwise a request
-needs `Authorization: Bearer <key>`: the server-wide `api_key` is valid for every organisation;
-a key listed under `organization_keys[organisation]` for that organisation only. A key of
-another organisation is a 403; a missing or unknown key is a 401.
+With no keys at all, the routes are open. Otherwise a request needs a key (`Authorization:
+Bearer <key>` or `x-api-key`): a server-wide key (api_key, api_keys, the keys file) is valid
+for every organisation its scope allows; a key listed under `organization_keys[organisation]`
+for that organisation only. A key of another organisation is a 403; a missing or unknown key
+is a 401.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import secrets
 
 from fastapi import Request
 
-from engine.errors import AuthenticationError
-from server.quantcdn.errors import PermissionDeniedError
+from engine.errors import AuthenticationError, PermissionDeniedError
+from server.deps import KEY_HINT, admit, presented_key
 
 
 def _matches(token: str, keys: list[str]) -> bool:
@@ -25,16 +26,22 @@ def _matches(token: str, keys: list[str]) -> bool:
 
 
 async def require_organisation_key(organisation: str, request: Request) -> None:
-    settings = request.app.state.engine.settings
-    org_keys: dict[str, list[str]] = settings.organization_keys
-    server_wide = settings.accepted_keys()
-    if not server_wide and not org_keys:
+    engine = request.app.state.engine
+    org_keys: dict[str, list[str]] = engine.settings.organization_keys
+    if not engine.access.enabled and not org_keys:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("Missing API key: send Authorization: Bearer <key>.")
-    if _matches(token, server_wide + org_keys.get(organisation, [])):
+    token = presented_key(request.headers)
+    if token is None:
+        raise AuthenticationError(f"Missing API key: {KEY_HINT}.")
+    caller = engine.access.authenticate(token)
+    if caller is not None:
+        if not caller.may_use_organization(organisation):
+            raise PermissionDeniedError(
+                f"API key {caller.name!r} is not valid for organisation {organisation!r}.",
+                param="organisation")
+        admit(caller, request)
+        return
+    if _matches(token, org_keys.get(organisation, [])):
         return
     others = [key for org, keys in org_keys.items() if org != organisation for key in keys]
     if _matches(token, others):
@@ -42,4 +49,4 @@ async def require_organisation_key(organisation: str, request: Request) -> None:
             f"This API key is not valid for organisation {organisation!r}.",
             param="organisation",
         )
-    raise AuthenticationError("Incorrect API key in the Authorization header.")
+    raise AuthenticationError("Incorrect API key.")

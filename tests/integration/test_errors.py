@@ -20,7 +20,9 @@ USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 def error_of(response: Any) -> dict[str, Any]:
     body = response.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert set(body["error"]) == {"message", "type", "param", "code", "request_id"}
+    # The body names the request the way its x-request-id header and the server's log do.
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
     error: dict[str, Any] = body["error"]
     return error
 

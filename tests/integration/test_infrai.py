@@ -99,7 +99,8 @@ def assert_error(response: httpx.Response, status: int, param: str | None,
     body = response.json()
     assert set(body) == {"error"}, body
     error = body["error"]
-    assert set(error) == {"code", "message", "param", "status", "retryable"}, error
+    assert set(error) == {"code", "message", "param", "status", "retryable", "request_id"}, error
+    assert error["request_id"] == response.headers["x-request-id"], error
     assert error["status"] == status and error["param"] == param and error["message"], error
     if code is not None:
         assert error["code"] == code, error
