@@ -106,6 +106,20 @@ class ModelUnavailableError(EmberError):
     code = "model_unavailable"
 
 
+class ModelExecutionError(EmberError):
+    """The model raised while running a batch: that batch's requests fail, nothing else."""
+
+    code = "model_error"
+
+
+class ModelOutOfMemoryError(EmberError):
+    """Out of memory (host or CUDA) while running: retry later, or smaller."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "out_of_memory"
+
+
 class DeadlineExceededError(EmberError):
     status_code = 504
     error_type = "server_error"

@@ -34,13 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from engine import metrics
+from engine import logs, metrics
 from engine.chat_backend import ChatBackend, DecodeToken, PrefillChunk, PromptInput, StepPlan
 from engine.compute import ComputeThread
 from engine.errors import (
     ContextLengthExceededError,
     DeadlineExceededError,
+    EmberError,
     InvalidRequestError,
+    ModelExecutionError,
+    ModelOutOfMemoryError,
     ModelUnavailableError,
     OverloadedError,
 )
@@ -71,6 +74,7 @@ class SequenceState:
     stops: StopStringMatcher
     length: int  # tokens in the backend's KV cache
     next_token: int = -1  # sampled, not yet in the cache
+    last_token_at: float = 0.0  # monotonic time of its latest token (inter-token metric)
     text: str = ""
     emitted: int = 0
     completion_tokens: int = 0
@@ -95,6 +99,9 @@ class ChatJob:
     prefill_id: int = -1  # the sequence the prompt is prefilled under (choice 0's)
     prefilled: int = 0
     sequences: list[SequenceState] = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)
+    # The HTTP request's id (read at submit, on the event loop), for the compute thread's logs.
+    request_id: str = field(default_factory=logs.request_id.get)
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt.ids), sum(s.completion_tokens for s in self.sequences))
@@ -137,6 +144,9 @@ class ChatScheduler:
         self.steps = 0
         # Output grammars for this model's vocabulary (compiled by submitters, off this thread).
         self.grammars = GrammarCompiler(backend.grammar_tokenizer)
+        self._time_to_first_token = metrics.TIME_TO_FIRST_TOKEN.labels(name)
+        self._inter_token = metrics.INTER_TOKEN_SECONDS.labels(name)
+        self._kv_used = metrics.KV_CACHE_USED.labels(name)
         compute.add(self)
 
     # -- submitters (any thread) -------------------------------------------------------------
@@ -250,8 +260,11 @@ class ChatScheduler:
         try:
             self._step()
         except Exception as exc:  # a bug here must not leave requests waiting forever
-            log.exception("%s: scheduler step failed", self.name)
-            self._fail(self._jobs_in_flight(), exc)
+            jobs = self._jobs_in_flight()
+            log.exception("%s: scheduler step failed; failing requests %s", self.name,
+                          _ids(jobs))
+            self._fail(jobs, model_failure(self.name, exc))
+        self._kv_used.set(self._reserved_kv / self.kv_capacity)
 
     def _step(self) -> None:
         with self._cond:
@@ -261,8 +274,9 @@ class ChatScheduler:
             try:
                 logits = self.backend.execute(plan)
             except Exception as exc:  # a broken step fails its requests, never the server
-                log.exception("%s: step failed", self.name)
-                self._fail(self._jobs_in(plan), exc)
+                jobs = self._jobs_in(plan)
+                log.exception("%s: step failed; failing requests %s", self.name, _ids(jobs))
+                self._fail(jobs, model_failure(self.name, exc))
                 continue
             self.steps += 1
             if plan.decode:
@@ -396,6 +410,12 @@ class ChatScheduler:
         seq.completion_tokens += 1
         seq.sampler.record(token)
         seq.next_token = token
+        now = time.monotonic()
+        if seq.completion_tokens == 1:
+            self._time_to_first_token.observe(now - job.submitted)
+        else:
+            self._inter_token.observe(now - seq.last_token_at)
+        seq.last_token_at = now
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             raise RuntimeError(f"the output grammar refused token {token}: "
                                f"{seq.matcher.get_error()}")
@@ -425,8 +445,8 @@ class ChatScheduler:
         try:
             return fn(*args)
         except Exception as exc:
-            log.exception("%s: a request failed while decoding", self.name)
-            self._fail([job], exc)
+            log.exception("%s: request %s failed while decoding", self.name, job.request_id)
+            self._fail([job], model_failure(self.name, exc))
             return None
 
     def _release(self, seq: SequenceState) -> None:
@@ -485,3 +505,18 @@ class ChatScheduler:
     def _fail(self, jobs: list[ChatJob], error: BaseException) -> None:
         for job in jobs:
             self._complete(job, error)
+
+
+def _ids(jobs: list[ChatJob]) -> str:
+    return ", ".join(job.request_id for job in jobs) or "none"
+
+
+def model_failure(model: str, exc: Exception) -> EmberError:
+    """What the caller is told when the model raised: out of memory is a 503 (retry later,
+    perhaps smaller); anything else a 500 naming the model and the error."""
+    if isinstance(exc, EmberError):
+        return exc
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return ModelOutOfMemoryError(f"{model!r} ran out of memory on this batch; retry "
+                                     "later or with a shorter prompt or reply")
+    return ModelExecutionError(f"{model!r} failed while decoding: {type(exc).__name__}: {exc}")

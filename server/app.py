@@ -32,6 +32,16 @@ from server.openai.routes import router as openai_router
 from server.quantcdn.routes import router as quantcdn_router
 
 
+async def send_error(scope: Scope, send: Send, error: EmberError) -> None:
+    """An error response from a middleware (before or around routing), in the path's
+    dialect envelope."""
+    body = json.dumps(envelope_for(scope["path"])(error)).encode()
+    await send({"type": "http.response.start", "status": error.status_code,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodyLimitMiddleware:
     """Refuses bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
 
@@ -67,10 +77,7 @@ class BodyLimitMiddleware:
     async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
         error = PayloadTooLargeError(self._message(size))
         log.warning("%s %s → 413: %s", scope["method"], scope["path"], error.message)
-        body = json.dumps(envelope_for(scope["path"])(error)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(scope, send, error)
 
 
 class MetricsMiddleware:
@@ -113,10 +120,7 @@ class OperationalGuardMiddleware:
             if self.policy.authenticate(presented_key(headers)) is None:
                 error = AuthenticationError(f"Missing or incorrect API key: {KEY_HINT}.")
                 log.warning("%s %s → 401: no valid API key", scope["method"], scope["path"])
-                body = json.dumps(envelope_for(scope["path"])(error)).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
+                await send_error(scope, send, error)
                 return
         await self.app(scope, receive, send)
 
@@ -188,11 +192,7 @@ class UnhandledErrorMiddleware:
             if started:  # the head is out: all that is left is to end the response
                 await send({"type": "http.response.body", "body": b""})
                 return
-            error = EmberError(f"Internal error: {type(exc).__name__}")
-            body = json.dumps(envelope_for(scope["path"])(error)).encode()
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(scope, send, EmberError(f"Internal error: {type(exc).__name__}"))
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

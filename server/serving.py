@@ -15,6 +15,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from engine.access import AccessPolicy
 from engine.service import Engine
 from engine.settings import Settings
 
@@ -59,10 +60,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Settings, engine: Engine) -> None:
+def check_exposure(settings: Settings, policy: AccessPolicy) -> None:
     """A server reachable from the network needs an API key unless the operator says
     otherwise (allow_open_access)."""
-    if is_loopback(settings.host) or engine.access.enabled or settings.allow_open_access:
+    if is_loopback(settings.host) or policy.enabled or settings.allow_open_access:
         return
     raise SystemExit(
         f"ember: refusing to serve {settings.host} with no API key: anyone who can reach it "
@@ -71,7 +72,7 @@ def check_exposure(settings: Settings, engine: Engine) -> None:
 
 
 def serve(app: FastAPI, settings: Settings) -> None:
-    check_exposure(settings, app.state.engine)
+    check_exposure(settings, app.state.engine.access)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         log_config=None, access_log=False,  # ember.access writes one line per request

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import uvicorn
 import yaml
 
 from engine.registry import Registry
@@ -215,6 +219,27 @@ async def serve_in_process(settings: Settings) -> AsyncIterator[Served]:
                 http_client=http,  # type: ignore[arg-type]  # typed for httpx2; httpx works
             )
             yield Served(app=app, openai=client, http=http)
+
+
+@contextmanager
+def uvicorn_thread(app: Any) -> Iterator[str]:
+    """The app under a real uvicorn on a free loopback port, in a thread of this process: a
+    real socket, keep-alive and streaming (httpx's ASGI transport buffers whole responses)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")

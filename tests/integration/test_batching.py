@@ -49,6 +49,35 @@ async def test_concurrent_greedy_requests_match_sequential_ones(
     assert scheduler.active_sequences == 0 and scheduler.pending == 0
 
 
+async def test_the_prompts_of_one_completion_request_decode_together(
+    served: Served, chat_model: str
+) -> None:
+    """A prompt list is decoded concurrently (it once ran prompt after prompt), streamed or
+    not, with each prompt's choices at their own indexes."""
+    alone = [await complete(served, chat_model, prompt, 30) for prompt in PROMPTS[:4]]
+    scheduler = served.app.state.engine.manager.slot(chat_model).runner
+    steps_before = scheduler.steps
+    listed = await served.openai.completions.create(
+        model=chat_model, prompt=PROMPTS[:4], max_tokens=30, temperature=0, n=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert scheduler.steps - steps_before < 2 * 30  # 4 prompts x 30 tokens shared steps
+    assert [c.index for c in listed.choices] == list(range(8))
+    assert [c.text for c in listed.choices] == [text for text in alone for _ in range(2)]
+
+    stream = await served.openai.completions.create(
+        model=chat_model, prompt=PROMPTS[:4], max_tokens=30, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    texts, order = ["", "", "", ""], []
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            order.append(choice.index)
+    assert texts == alone
+    assert order != sorted(order), "the prompts' tokens interleave: decoded together"
+
+
 async def test_n_choices_share_one_prefill_and_match_alone(
     served: Served, chat_model: str
 ) -> None:

@@ -274,6 +274,15 @@ async def test_every_response_carries_a_request_id(served: Served) -> None:
     assert odd.headers["x-request-id"] != "x" * 500  # not echoed: replaced
 
 
+async def test_a_completion_prompt_list_is_capped(served: Served) -> None:
+    """2,000 prompts once kept the model busy for minutes after the client left."""
+    response = await served.http.post("/v1/completions", json={
+        "model": "tiny-chat", "prompt": ["a"] * 2000, "max_tokens": 2})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "prompt" and "max_prompts" in error["message"]
+
+
 async def test_unknown_route_is_404_in_envelope(served: Served) -> None:
     response = await served.http.get("/v1/nothing-here")
     assert response.status_code == 404

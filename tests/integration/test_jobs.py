@@ -79,6 +79,8 @@ async def test_cancel_mid_run_stops_within_a_step(served: Served) -> None:
                              condition=lambda j: j["progress"] > 0)
     cancelled = (await served.http.post(f"/v1/generations/{job['job_id']}/cancel")).json()
     assert cancelled["job_id"] == job["job_id"]
+    # The answer waits for the cancel to take effect: it says so (it once said processing).
+    assert cancelled["status"] == "cancelled", cancelled
     done = await wait_for(served, job["job_id"], timeout=30)
     assert done["status"] == "cancelled", done
     assert running["progress"] <= done["progress"] < 100

@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +16,6 @@ import httpx
 import numpy as np
 import pytest
 import quantcdn
-import uvicorn
 from PIL import Image
 from quantcdn.exceptions import ApiException
 from quantcdn.models.chat_inference_request_messages_inner_content import (
@@ -31,6 +27,7 @@ from quantcdn.models.chat_inference_request_messages_inner_content_one_of_inner 
 
 from engine.settings import Settings
 from server.app import create_app
+from tests.conftest import uvicorn_thread
 from tests.integration.test_infrai import png
 
 ORG = "acme"
@@ -46,26 +43,10 @@ ALIASES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def base_url(make_settings: Callable[..., Settings]) -> Iterator[str]:
-    app = create_app(make_settings(organization_keys=KEYS, models=ALIASES))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_thread(create_app(make_settings(organization_keys=KEYS, models=ALIASES))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,8 @@ from engine.errors import (
     ContextLengthExceededError,
     DeadlineExceededError,
     InvalidRequestError,
+    ModelExecutionError,
+    ModelOutOfMemoryError,
     OverloadedError,
 )
 from engine.sampling import SamplerState
@@ -177,6 +179,7 @@ class FakeBackend:
         self.defaults = defaults or {}
         self.poison = poison  # detokenize raises on it
         self.fail_calls: set[int] = set()  # execute calls (1-based) that raise
+        self.fail_with: type[Exception] = RuntimeError
         self.tokens: dict[int, list[int]] = {}  # live sequences: their tokens in the "cache"
         self.prefilling: set[int] = set()  # live, prompt not all in yet
         self.prompt_len: dict[int, int] = {}
@@ -258,7 +261,7 @@ class FakeBackend:
                   for c in plan.prefill),
             tuple(plan.decode)))
         if self.calls in self.fail_calls:
-            raise RuntimeError(f"injected failure in call {self.calls}")
+            raise self.fail_with(f"injected failure in call {self.calls}")
         check = self._check
         staged: dict[int, list[int]] = {}  # checked first, applied only if all is well
         for chunk in plan.prefill:
@@ -518,7 +521,10 @@ def test_a_request_whose_reservation_does_not_fit_waits_for_the_running_one() ->
         scheduler.step()
         assert backend.seq_of(second.ids) is None, "prefilled while the first still ran"
         assert scheduler.pending == (1 if first.future.done() else 2)
+        # /v1/models' queued_requests: only the request still waiting, not the running one.
+        assert scheduler.queued == 1
     scheduler.step()
+    assert scheduler.queued == 0 and scheduler.pending == 1  # admitted: running, not queued
     assert backend.plans[-1].chunks == [(backend.seq_of(second.ids), 0, 10, True)]
     drain(scheduler)
     assert_greedy(first, backend, 30)
@@ -945,6 +951,32 @@ def test_shutdown_fails_what_is_queued_and_running() -> None:
     assert_idle(scheduler, backend)
 
 
+def test_unloading_waits_for_the_step_in_progress(live: ComputeThread) -> None:
+    """The manager shuts a runner down through `between_steps`: never while a step runs
+    (it once unloaded models under a running step at SIGTERM)."""
+    backend = FakeBackend()
+    in_step = threading.Event()
+    real_execute = backend.execute
+
+    def slow_execute(plan: StepPlan) -> Any:
+        in_step.set()
+        time.sleep(0.05)
+        try:
+            return real_execute(plan)
+        finally:
+            in_step.clear()
+
+    backend.execute = slow_execute  # type: ignore[method-assign]
+    scheduler = make(backend, live)
+    request = submit(scheduler, make_prompt(5, 1), max_tokens=50, temperature=0)
+    assert in_step.wait(TIMEOUT)
+    seen_in_step = live.between_steps(in_step.is_set).result(TIMEOUT)
+    assert seen_in_step is False
+    live.between_steps(scheduler.shutdown).result(TIMEOUT)
+    assert "unloaded" in str(request.error())
+    assert_idle(scheduler, backend)
+
+
 # -- failure isolation -------------------------------------------------------------------------
 
 
@@ -961,6 +993,25 @@ def test_a_failing_backend_step_fails_its_requests_and_the_next_one_is_served() 
     after = submit(scheduler, make_prompt(5, 3), max_tokens=6, temperature=0)
     drain(scheduler)
     assert_greedy(after, backend, 6)
+    assert_idle(scheduler, backend)
+
+
+def test_a_failing_step_says_which_model_failed_and_out_of_memory_is_a_503() -> None:
+    backend = FakeBackend()
+    backend.fail_calls = {1, 3}
+    scheduler = make(backend)
+    crashed = submit(scheduler, make_prompt(5, 1), max_tokens=6, temperature=0)
+    scheduler.step()
+    error = crashed.error()
+    assert isinstance(error, ModelExecutionError) and error.status_code == 500
+    assert "'fake'" in error.message and "injected failure in call 1" in error.message
+    backend.fail_with = MemoryError
+    drain(scheduler)
+    starved = submit(scheduler, make_prompt(5, 2), max_tokens=6, temperature=0)
+    scheduler.step()
+    scheduler.step()
+    error = starved.error()
+    assert isinstance(error, ModelOutOfMemoryError) and error.status_code == 503
     assert_idle(scheduler, backend)
 
 
