@@ -22,7 +22,13 @@ from typing import Any, Generic, TypeVar
 
 from engine import metrics
 from engine.compute import ComputeThread
-from engine.errors import DeadlineExceededError, ModelUnavailableError, OverloadedError
+from engine.errors import (
+    DeadlineExceededError,
+    ModelUnavailableError,
+    OverloadedError,
+    is_out_of_memory,
+    model_failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +48,6 @@ class _Item(Generic[In]):
 
 
 _Outcome = tuple[_Item[In], Any, BaseException | None]  # item, result, error
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError or torch's OutOfMemoryError (a RuntimeError), without importing torch."""
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
 class Batcher(Generic[In, Out]):
@@ -81,6 +82,7 @@ class Batcher(Generic[In, Out]):
         self._seq = 0
         self.batches_run = 0
         self._in_flight = 0
+        self._current: list[_Item[In]] = []  # the batch being computed
         compute.add(self)
 
     @property
@@ -191,15 +193,23 @@ class Batcher(Generic[In, Out]):
         self._queue = [item for item in self._queue if id(item) not in chosen]
         return batch
 
+    def abandon(self, error: Exception) -> None:
+        """Another thread, while a batch is stuck: its callers and those queued get `error`."""
+        with self._cond:
+            held = [*self._current, *self._queue]
+        for item in held:
+            self._resolve(item, error=error)
+
     def step(self) -> None:
         with self._cond:
             batch = self._choose_batch()
             self._in_flight = len(batch)
+            self._current = batch
         now = time.monotonic()
         outcomes: list[_Outcome[In]] = []
         live = []
         for item in batch:
-            if item.future.cancelled():
+            if item.future.done():  # cancelled by its caller, or abandoned
                 continue
             if now > item.deadline:
                 outcomes.append((item, None, DeadlineExceededError(
@@ -212,6 +222,7 @@ class Batcher(Generic[In, Out]):
                 outcomes += self._run_batch(live)
         # Not pending any more before any caller hears back, so a caller never sees itself.
         self._in_flight = 0
+        self._current = []
         for item, result, error in outcomes:
             self._resolve(item, result=result, error=error)
 
@@ -220,8 +231,10 @@ class Batcher(Generic[In, Out]):
             results = self._batch_fn([item.payload for item in items])
             self.batches_run += 1
         except Exception as exc:
-            if not _is_out_of_memory(exc) or len(items) == 1:  # each caller gets the error
-                return [(item, None, exc) for item in items]
+            if not is_out_of_memory(exc) or len(items) == 1:  # each caller gets the error
+                log.exception("%s: batch of %d failed", self.name, len(items))
+                error = model_failure(self.name, exc)
+                return [(item, None, error) for item in items]
             log.warning("%s: out of memory on a batch of %d; splitting", self.name, len(items))
             half = len(items) // 2
             return self._run_batch(items[:half]) + self._run_batch(items[half:])

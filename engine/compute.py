@@ -31,6 +31,11 @@ class Steppable(Protocol):
     def step(self) -> None:
         """Outside `cond`: do one bounded piece of work (must not raise)."""
 
+    def abandon(self, error: Exception) -> None:
+        """From another thread, while a step of this runner is stuck: end every request it
+        holds with `error` (they must not hang with it); its bookkeeping catches up when
+        the step returns."""
+
 
 class ComputeThread:
     def __init__(self, name: str = "ember-compute"):
@@ -39,6 +44,7 @@ class ComputeThread:
         self._closed = False
         self._next = 0
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._stepping: tuple[Steppable, float] | None = None  # the step running, and since
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -65,6 +71,15 @@ class ComputeThread:
         if closed:  # no thread to race: run it here
             self._run_calls([(fn, future)])
         return future
+
+    def stuck(self, limit_s: float) -> tuple[Steppable, float] | None:
+        """The runner whose step has run longer than `limit_s`, and for how long."""
+        stepping = self._stepping
+        if stepping is None:
+            return None
+        runner, since = stepping
+        running = time.monotonic() - since
+        return (runner, running) if running > limit_s else None
 
     def close(self) -> None:
         with self.cond:
@@ -109,7 +124,10 @@ class ComputeThread:
                 if closed:
                     return
                 continue
+            self._stepping = (runner, time.monotonic())
             try:
                 runner.step()
             except Exception:  # a runner's bug must not stop every model
                 log.exception("%s: step failed", runner.name)
+            finally:
+                self._stepping = None

@@ -140,3 +140,19 @@ class ConflictError(EmberError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "conflict"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Host (MemoryError) or accelerator (torch.OutOfMemoryError) memory ran out."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def model_failure(model: str, exc: Exception) -> EmberError:
+    """What the caller is told when a model raised: out of memory is a 503 (retry later,
+    perhaps smaller); anything else a 500 naming the model and the error."""
+    if isinstance(exc, EmberError):
+        return exc
+    if is_out_of_memory(exc):
+        return ModelOutOfMemoryError(f"{model!r} ran out of memory on this batch; retry "
+                                     "later or with a smaller request")
+    return ModelExecutionError(f"{model!r} failed: {type(exc).__name__}: {exc}")

@@ -22,13 +22,14 @@ counters shared with submitters; everything else is touched only by the compute 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +41,10 @@ from engine.compute import ComputeThread
 from engine.errors import (
     ContextLengthExceededError,
     DeadlineExceededError,
-    EmberError,
     InvalidRequestError,
-    ModelExecutionError,
-    ModelOutOfMemoryError,
     ModelUnavailableError,
     OverloadedError,
+    model_failure,
 )
 from engine.sampling import SamplerState, choose_tokens
 from engine.structured import GrammarCompiler, mask_logits
@@ -100,6 +99,7 @@ class ChatJob:
     prefilled: int = 0
     sequences: list[SequenceState] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
+    settled: bool = False  # released and its future set (by `_complete`)
     # The HTTP request's id (read at submit, on the event loop), for the compute thread's logs.
     request_id: str = field(default_factory=logs.request_id.get)
 
@@ -248,7 +248,8 @@ class ChatScheduler:
             waiting, self._waiting = list(self._waiting), deque()
         gone = ModelUnavailableError(f"{self.name!r} was unloaded (or the server is shutting down)")
         for job in waiting:
-            job.future.set_exception(gone)
+            with contextlib.suppress(InvalidStateError):
+                job.future.set_exception(gone)
         self._fail(self._jobs_in_flight(), gone)
 
     # -- the compute thread ------------------------------------------------------------------
@@ -305,13 +306,14 @@ class ChatScheduler:
             self._prefilling.append(job)
 
     def _finish_unstarted(self, job: ChatJob, now: float) -> None:
-        if job.cancelled.is_set():
-            job.future.set_result(job.usage())
-        else:
-            waited = now - (job.deadline - self.timeout_s)
-            job.future.set_exception(DeadlineExceededError(
-                f"{self.name!r}: the request waited {waited:.1f}s in the queue, past its "
-                f"{self.timeout_s:.0f}s deadline"))
+        with contextlib.suppress(InvalidStateError):  # abandoned: the caller was told
+            if job.cancelled.is_set():
+                job.future.set_result(job.usage())
+            else:
+                waited = now - (job.deadline - self.timeout_s)
+                job.future.set_exception(DeadlineExceededError(
+                    f"{self.name!r}: the request waited {waited:.1f}s in the queue, past its "
+                    f"{self.timeout_s:.0f}s deadline"))
 
     def _plans(self) -> list[StepPlan]:
         """This step's work: every running sequence's next token and prompt chunks within
@@ -453,6 +455,16 @@ class ChatScheduler:
         self._running = [(j, s) for j, s in self._running if s is not seq]
         self._release_id(seq.seq_id)
 
+    def abandon(self, error: Exception) -> None:
+        """Another thread, while a step is stuck: every request held ends with `error` now;
+        they are released (as cancelled) once the compute thread is back."""
+        with self._cond:
+            held = [*self._waiting, *self._prefilling, *(job for job, _ in self._running)]
+        for job in held:
+            job.cancelled.set()
+            with contextlib.suppress(InvalidStateError):
+                job.future.set_exception(error)
+
     def _drop_cancelled(self) -> None:
         gone = [job for job in self._jobs_in_flight() if job.cancelled.is_set()]
         for job in gone:
@@ -474,9 +486,11 @@ class ChatScheduler:
             self._complete(job)
 
     def _complete(self, job: ChatJob, error: BaseException | None = None) -> None:
-        """Release whatever the job still holds in the backend, and settle its future."""
-        if job.future.done():
+        """Release whatever the job still holds in the backend, and settle its future (unless
+        `abandon` already did)."""
+        if job.settled:
             return
+        job.settled = True
         if job in self._prefilling:
             self._prefilling.remove(job)
         if not job.sequences:
@@ -491,10 +505,11 @@ class ChatScheduler:
             self._admitted_jobs -= 1
             self._reserved_sequences -= job.sampling.n
             self._reserved_kv -= job.reserved_kv
-        if error is None:
-            job.future.set_result(job.usage())
-        else:
-            job.future.set_exception(error)
+        with contextlib.suppress(InvalidStateError):  # abandoned: the caller was told
+            if error is None:
+                job.future.set_result(job.usage())
+            else:
+                job.future.set_exception(error)
 
     def _release_id(self, seq_id: int) -> None:
         try:
@@ -509,14 +524,3 @@ class ChatScheduler:
 
 def _ids(jobs: list[ChatJob]) -> str:
     return ", ".join(job.request_id for job in jobs) or "none"
-
-
-def model_failure(model: str, exc: Exception) -> EmberError:
-    """What the caller is told when the model raised: out of memory is a 503 (retry later,
-    perhaps smaller); anything else a 500 naming the model and the error."""
-    if isinstance(exc, EmberError):
-        return exc
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return ModelOutOfMemoryError(f"{model!r} ran out of memory on this batch; retry "
-                                     "later or with a shorter prompt or reply")
-    return ModelExecutionError(f"{model!r} failed while decoding: {type(exc).__name__}: {exc}")

@@ -22,7 +22,7 @@ from engine.access import AccessPolicy, current_caller
 from engine.artifacts import ArtifactStore
 from engine.cache import IdempotencyStore, ResponseCache
 from engine.chat_backend import ChatBackend, PromptInput
-from engine.errors import InvalidRequestError
+from engine.errors import DeadlineExceededError, InvalidRequestError
 from engine.jobs import InlineKind, JobRunner
 from engine.limits import check_count
 from engine.manager import ModelManager
@@ -128,6 +128,7 @@ class Engine:
         self.jobs = JobRunner(settings, self.manager, self.artifacts)
         self.access = AccessPolicy(settings.accepted_keys(), settings.api_keys_file)
         self._purging: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
         # What the gateway dialects add on top: routing by task/prefer, the response cache,
         # idempotency keys, and chat as a job kind (batch mode).
         self.router = Router.from_settings(settings, self.registry, self.manager)
@@ -148,6 +149,24 @@ class Engine:
         self._preloading = asyncio.create_task(self._preload())
         await self.jobs.start()
         self._purging = asyncio.create_task(self._purge_expired_forever())
+        if self.settings.step_timeout_s > 0:
+            self._watching = asyncio.create_task(self._watch_steps_forever())
+
+    async def _watch_steps_forever(self) -> None:
+        """A compute step that never returns (a hung kernel, a deadlock in a library) must not
+        leave its requests hanging: past step_timeout_s they end with 504, and so does each
+        request that reaches the model while the step is still stuck."""
+        limit = self.settings.step_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            if (stuck := self.manager.compute.stuck(limit)) is None:
+                continue
+            runner, running = stuck
+            log.error("%s: a compute step has run %.0fs (setting step_timeout_s=%.0f); its "
+                      "requests end with 504", runner.name, running, limit)
+            runner.abandon(DeadlineExceededError(
+                f"{runner.name!r}: a compute step has run {running:.0f}s, past "
+                f"step_timeout_s ({limit:.0f}s); the model may be stuck"))
 
     async def _purge_expired_forever(self) -> None:
         """Expired generated files and finished jobs are removed in the background."""
@@ -192,7 +211,7 @@ class Engine:
         self.manager.end_in_flight()
 
     async def stop(self) -> None:
-        for task in (self._preloading, self._purging):
+        for task in (self._preloading, self._purging, self._watching):
             if task is not None and not task.done():
                 task.cancel()
         await self.jobs.stop()

@@ -62,11 +62,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, gt=0, description="largest request body (audio uploads included)"
     )
+    max_json_depth: int = Field(
+        64, gt=0, description="deepest nesting of arrays and objects a JSON body may have"
+    )
     max_queue_per_model: int = Field(
         256, gt=0, description="waiting requests (or inputs) per model before 429"
     )
     request_timeout_s: float = Field(
         600, ge=0, description="longest wait in a model's queue before 504; 0 = no limit"
+    )
+    step_timeout_s: float = Field(
+        300, ge=0, description="a compute step (a decode step, an embedding batch) running "
+                               "longer is stuck: its model's requests end with 504; 0 = never"
     )
     kv_cache_tokens: int = Field(
         32768, gt=0, description="chat KV-cache budget per model (batch rows x cached length)"

@@ -21,10 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import logs, metrics
 from engine.access import AccessPolicy
 from engine.errors import AuthenticationError, EmberError, PayloadTooLargeError
+from engine.limits import json_depth
 from engine.service import Engine
 from engine.settings import Settings, load_settings
 from server.deps import KEY_HINT, presented_key
-from server.errors import envelope_for, install_error_handlers, log
+from server.errors import JsonTooDeepError, envelope_for, install_error_handlers, log
 from server.infrai.routes import router as infrai_router
 from server.openai.generations import router as generations_router
 from server.openai.retrieval import router as retrieval_router
@@ -43,11 +44,14 @@ async def send_error(scope: Scope, send: Send, error: EmberError) -> None:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
+    """Refuses bodies over `max_bytes` with 413, by Content-Length or while streaming in, and
+    JSON bodies nested deeper than `max_depth` with 400 (before anything parses them: a deep
+    enough nesting exhausts the parser's recursion)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_depth = max_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,14 +62,25 @@ class BodyLimitMiddleware:
             await self._refuse(scope, send, int(declared))
             return
         received = 0
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        json_chunks: list[bytes] | None = [] if b"json" in content_type else None
 
         async def counting_receive() -> Message:
             nonlocal received
             message = await receive()
-            received += len(message.get("body", b""))
+            chunk = message.get("body", b"")
+            received += len(chunk)
             if received > self.max_bytes:
                 # An HTTPException passes through FastAPI's body parsing to the error handlers.
                 raise StarletteHTTPException(413, self._message(received))
+            if json_chunks is not None and message["type"] == "http.request":
+                json_chunks.append(chunk)
+                if not message.get("more_body", False):
+                    depth = json_depth(b"".join(json_chunks))
+                    if depth > self.max_depth:
+                        raise JsonTooDeepError(400, (
+                            f"The JSON body nests {depth} levels deep; the limit is "
+                            f"{self.max_depth} (setting max_json_depth)."))
             return message
 
         await self.app(scope, counting_receive, send)
@@ -234,7 +249,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(UnhandledErrorMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       max_depth=settings.max_json_depth)
     app.add_middleware(MetricsMiddleware)
     policy = engine.access
     if policy.enabled and settings.guard_metrics_and_docs:

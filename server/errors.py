@@ -29,6 +29,10 @@ log = logging.getLogger("ember.http")
 Envelope = Callable[[EmberError], dict[str, Any]]
 
 
+class JsonTooDeepError(StarletteHTTPException):
+    """Raised while the body streams in (so it passes FastAPI's body parsing as it is)."""
+
+
 def openai_envelope(error: EmberError) -> dict[str, Any]:
     return {
         "error": {
@@ -134,4 +138,6 @@ def install_error_handlers(app: FastAPI) -> None:
             error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
             # Starlette raises these for bodies it cannot parse (a broken multipart form).
             error.code = "invalid_body" if exc.status_code == 400 else f"http_{exc.status_code}"
+            if isinstance(exc, JsonTooDeepError):
+                error.code = "json_too_deep"
         return error_response(request, error)

@@ -274,6 +274,21 @@ async def test_every_response_carries_a_request_id(served: Served) -> None:
     assert odd.headers["x-request-id"] != "x" * 500  # not echoed: replaced
 
 
+async def test_deeply_nested_json_is_refused_before_parsing(served: Served) -> None:
+    for depth in (65, 100_000):
+        body = '{"model": "tiny-chat", "messages": ' + "[" * depth + "]" * depth + "}"
+        response = await served.http.post("/v1/chat/completions", content=body,
+                                          headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        error = error_of(response)
+        assert error["code"] == "json_too_deep" and "max_json_depth" in error["message"]
+    # Brackets inside strings are text, not nesting.
+    reply = await served.http.post("/v1/chat/completions", json={
+        "model": "tiny-chat", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "[" * 500 + "{" * 500}]})
+    assert reply.status_code == 200, reply.text
+
+
 async def test_a_completion_prompt_list_is_capped(served: Served) -> None:
     """2,000 prompts once kept the model busy for minutes after the client left."""
     response = await served.http.post("/v1/completions", json={

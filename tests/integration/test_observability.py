@@ -4,13 +4,16 @@ batch failing only that batch, and the histograms /metrics adds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from engine.logs import JsonFormatter, RequestIdFilter
@@ -165,3 +168,42 @@ async def test_metrics_show_time_to_first_token_inter_token_times_and_kv_use(
     assert sample("ember_time_to_first_token_seconds_count") >= 1
     assert sample("ember_inter_token_seconds_count") >= 4
     assert 0 <= sample("ember_kv_cache_used_ratio") <= 1
+
+
+async def test_a_stuck_step_ends_its_requests_with_504_and_the_model_recovers(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode step that hangs (injected: it waits on an event) ends the requests it holds,
+    and those that arrive meanwhile, with 504 past step_timeout_s; once the step returns the
+    model serves again."""
+    async with serve_in_process(make_settings(step_timeout_s=0.5)) as served:
+        await served.http.post("/v1/models/load", json={"model": "tiny-chat"})
+        backend = served.app.state.engine.manager.slot("tiny-chat").adapter
+        real_execute = backend.execute
+        release = threading.Event()
+
+        def hangs(plan: Any) -> Any:
+            release.wait(30)
+            return real_execute(plan)
+
+        monkeypatch.setattr(backend, "execute", hangs)
+        async def chat(after_s: float) -> httpx.Response:
+            await asyncio.sleep(after_s)
+            return await served.http.post("/v1/chat/completions", json=CHAT)
+
+        started = time.monotonic()
+        stuck, arrived_later = await asyncio.gather(chat(0), chat(0.2))
+        assert time.monotonic() - started < 10
+        for response in (stuck, arrived_later):
+            assert response.status_code == 504, response.text
+            assert "step_timeout_s" in response.json()["error"]["message"]
+        monkeypatch.setattr(backend, "execute", real_execute)
+        release.set()
+        deadline = time.monotonic() + 10
+        while served.app.state.engine.manager.compute.stuck(0.5) is not None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        ok = await served.http.post("/v1/chat/completions", json=CHAT)
+        assert ok.status_code == 200, ok.text
+        scheduler = served.app.state.engine.manager.slot("tiny-chat").runner
+        assert scheduler.pending == 0 and scheduler.active_sequences == 0

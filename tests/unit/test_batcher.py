@@ -12,7 +12,7 @@ import pytest
 
 from engine.batcher import Batcher
 from engine.compute import ComputeThread
-from engine.errors import DeadlineExceededError, OverloadedError
+from engine.errors import DeadlineExceededError, ModelExecutionError, OverloadedError
 
 COMPUTE = ComputeThread("test-compute")
 
@@ -121,7 +121,8 @@ async def test_other_errors_reach_every_caller_of_the_batch() -> None:
         raise ValueError("bad weights")
 
     batcher = make(broken)
-    with pytest.raises(ValueError, match="bad weights"):
+    # A 500 naming the model and what it raised (not a bare "Internal error").
+    with pytest.raises(ModelExecutionError, match="'test' failed: ValueError: bad weights"):
         await batcher.submit_many(["a", "b"])
     batcher.shutdown()
 

@@ -90,3 +90,12 @@ def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         load_settings(config=tmp_path / "absent.yaml")
     assert "absent.yaml" in caught.value.message
+
+
+def test_json_depth_counts_nesting_outside_strings() -> None:
+    from engine.limits import json_depth
+
+    assert json_depth(b'{"a": 1}') == 1
+    assert json_depth(b'{"a": [[1], {"b": [2]}]}') == 4
+    assert json_depth(b'{"a": "[[[[{{{{", "b": "\\"]]]"}') == 1
+    assert json_depth(b"3") == 0

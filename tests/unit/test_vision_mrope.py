@@ -20,6 +20,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from engine.chat_backend import PromptInput
 from engine.compute import ComputeThread
+from engine.errors import ModelExecutionError
 from engine.registry import ModelEntry
 from engine.scheduler import ChatScheduler
 from engine.types import SamplingParams
@@ -91,7 +92,7 @@ def test_a_failing_image_prefill_fails_only_its_request(qwen: tuple[VisionChat, 
         params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
         first = scheduler.submit(good, params, lambda event: None, threading.Event())
         broken = scheduler.submit(bad, params, lambda event: None, threading.Event())
-        with pytest.raises(ValueError, match="do not match"):
+        with pytest.raises(ModelExecutionError, match="do not match"):
             broken.result(timeout=60)
         assert first.result(timeout=60).completion_tokens == TOKENS
     finally:
