@@ -29,6 +29,8 @@ class ModelLimits(BaseModel):
     max_wait_ms: float = Field(5, ge=0)
     max_queue: int | None = Field(None, gt=0, description="defaults to max_queue_per_model")
     kv_cache_tokens: int | None = Field(None, gt=0, description="defaults to kv_cache_tokens")
+    request_timeout_s: float | None = Field(
+        None, ge=0, description="longest queue wait before 504; defaults to request_timeout_s")
 
 
 class SamplingDefaults(BaseModel):

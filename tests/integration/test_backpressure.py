@@ -75,6 +75,25 @@ async def test_request_waiting_past_its_deadline_is_504(
         assert (await long).status_code == 200
 
 
+async def test_a_model_entry_sets_its_own_queue_deadline(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Timeouts per request class: the entry's limits.request_timeout_s wins over the
+    server-wide one (here the server's is long, the model's short)."""
+    strict = {"id": "tiny-chat",
+              "limits": {"max_batch_size": 1, "max_queue": 1, "request_timeout_s": 0.03}}
+    settings = make_settings(models=[strict], request_timeout_s=600)
+    async with serve_in_process(settings) as served:
+        await served.http.post("/v1/models/load", json={"model": "tiny-chat"})
+        long = asyncio.ensure_future(
+            served.http.post("/v1/chat/completions", json=chat_body(230))
+        )
+        await asyncio.sleep(0.01)
+        waiting = await served.http.post("/v1/chat/completions", json=chat_body(2))
+        assert waiting.status_code == 504, waiting.text
+        assert (await long).status_code == 200
+
+
 async def test_a_thousand_cancelled_requests_leave_nothing_behind(
     make_settings: Callable[..., Settings],
 ) -> None:
