@@ -54,7 +54,7 @@ class TransformersChat(ModelAdapter):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=self.context.dtype, trust_remote_code=remote
+                path, dtype=self.context.dtype, trust_remote_code=remote, use_safetensors=True
             )
         except OSError as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc

@@ -69,7 +69,7 @@ class DiffusionImages(ModelAdapter):
         try:
             pipeline = AutoPipelineForText2Image.from_pretrained(
                 path, torch_dtype=self.context.dtype, local_files_only=True,
-                trust_remote_code=self.entry.trust_remote_code,
+                trust_remote_code=self.entry.trust_remote_code, use_safetensors=True,
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc

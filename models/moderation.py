@@ -169,7 +169,8 @@ class TransformersModeration(ModerationAdapter):
             tokenizer = AutoTokenizer.from_pretrained(
                 path, local_files_only=True, trust_remote_code=remote)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, trust_remote_code=remote, dtype=self.context.dtype)
+                path, local_files_only=True, trust_remote_code=remote, dtype=self.context.dtype,
+                use_safetensors=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
         self.model.to(self.context.device).eval()

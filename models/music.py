@@ -138,7 +138,8 @@ class MusicGen(ModelAdapter):
                 path, local_files_only=True, trust_remote_code=remote
             )
             model = MusicgenForConditionalGeneration.from_pretrained(
-                path, dtype=self.context.dtype, local_files_only=True, trust_remote_code=remote
+                path, dtype=self.context.dtype, local_files_only=True, trust_remote_code=remote,
+                use_safetensors=True,
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc

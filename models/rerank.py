@@ -50,7 +50,7 @@ class CrossEncoderRerank(ModelAdapter):
                 path,
                 device=self.context.device,
                 trust_remote_code=self.entry.trust_remote_code,
-                model_kwargs={"dtype": self.context.dtype},
+                model_kwargs={"dtype": self.context.dtype, "use_safetensors": True},
                 local_files_only=True,
             )
         except (OSError, ValueError) as exc:

@@ -235,7 +235,7 @@ class TextToVideo(ModelAdapter):
         try:
             pipeline = DiffusionPipeline.from_pretrained(
                 path, torch_dtype=self.context.dtype, local_files_only=True,
-                trust_remote_code=self.entry.trust_remote_code,
+                trust_remote_code=self.entry.trust_remote_code, use_safetensors=True,
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc

@@ -39,7 +39,7 @@ class VisionChat(TransformersChat):
         try:
             self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
             model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=self.context.dtype, trust_remote_code=remote
+                path, dtype=self.context.dtype, trust_remote_code=remote, use_safetensors=True
             )
         except (OSError, ImportError, ValueError) as exc:
             raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc

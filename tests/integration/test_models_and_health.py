@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 from engine.settings import Settings
 from tests.conftest import Served, serve_in_process
@@ -73,3 +74,32 @@ async def test_ready_is_503_while_a_preload_fails(make_settings: Callable[..., S
         ready = await fresh.http.get("/ready")
         assert ready.status_code == 503
         assert ready.json()["models"] == {"broken-chat": "failed"}
+
+
+async def test_pickled_weights_are_never_loaded(
+    make_settings: Callable[..., Settings], tiny_chat_dir: Path, tmp_path: Path,
+) -> None:
+    """A checkpoint with only a pickle (pytorch_model.bin) is refused with a load error naming
+    the model: ember loads safetensors, GGUF, CTranslate2 and ONNX only."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled-chat"
+    shutil.copytree(tiny_chat_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    entry = {"id": "pickled-chat", "task": "chat", "adapter": "models.chat:TransformersChat",
+             "source": str(pickled), "dtype": "float32"}
+    async with serve_in_process(make_settings(models=[entry])) as served:
+        response = await served.http.post("/v1/chat/completions", json={
+            "model": "pickled-chat", "messages": [{"role": "user", "content": "Hi"}]})
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "model_load_failed" and "pickled-chat" in error["message"]
+        assert "safetensors" in error["message"]
+        ok = await served.http.post("/v1/chat/completions", json={
+            "model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2})
+        assert ok.status_code == 200
