@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from engine.settings import Settings
 from engine.types import GenerationRequest, SamplingParams
@@ -59,30 +60,20 @@ async def test_full_embedding_queue_is_429(make_settings: Callable[..., Settings
         assert large.status_code == 200 and len(large.json()["data"]) == 6
 
 
+# The server-wide deadline, and a registry entry's own (timeouts per request class: the
+# entry's limits.request_timeout_s wins over a long server-wide one).
+STRICT_ENTRY = {"id": "tiny-chat",
+                "limits": {"max_batch_size": 1, "max_queue": 1, "request_timeout_s": 0.03}}
+
+
+@pytest.mark.parametrize(("entry", "server_timeout_s"), [
+    pytest.param(ONE_AT_A_TIME, 0.03, id="server-wide"),
+    pytest.param(STRICT_ENTRY, 600, id="per-model"),
+])
 async def test_request_waiting_past_its_deadline_is_504(
-    make_settings: Callable[..., Settings],
+    make_settings: Callable[..., Settings], entry: dict[str, Any], server_timeout_s: float,
 ) -> None:
-    settings = make_settings(models=[ONE_AT_A_TIME], request_timeout_s=0.03)
-    async with serve_in_process(settings) as served:
-        await served.http.post("/v1/models/load", json={"model": "tiny-chat"})
-        long = asyncio.ensure_future(
-            served.http.post("/v1/chat/completions", json=chat_body(230))
-        )
-        await asyncio.sleep(0.01)
-        waiting = await served.http.post("/v1/chat/completions", json=chat_body(2))
-        assert waiting.status_code == 504
-        assert waiting.json()["error"]["code"] == "deadline_exceeded"
-        assert (await long).status_code == 200
-
-
-async def test_a_model_entry_sets_its_own_queue_deadline(
-    make_settings: Callable[..., Settings],
-) -> None:
-    """Timeouts per request class: the entry's limits.request_timeout_s wins over the
-    server-wide one (here the server's is long, the model's short)."""
-    strict = {"id": "tiny-chat",
-              "limits": {"max_batch_size": 1, "max_queue": 1, "request_timeout_s": 0.03}}
-    settings = make_settings(models=[strict], request_timeout_s=600)
+    settings = make_settings(models=[entry], request_timeout_s=server_timeout_s)
     async with serve_in_process(settings) as served:
         await served.http.post("/v1/models/load", json={"model": "tiny-chat"})
         long = asyncio.ensure_future(
@@ -91,6 +82,7 @@ async def test_a_model_entry_sets_its_own_queue_deadline(
         await asyncio.sleep(0.01)
         waiting = await served.http.post("/v1/chat/completions", json=chat_body(2))
         assert waiting.status_code == 504, waiting.text
+        assert waiting.json()["error"]["code"] == "deadline_exceeded"
         assert (await long).status_code == 200
 
 
