@@ -4,14 +4,19 @@ into the model cache."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import math
+import mmap
 import os
 import shutil
+import struct
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
-from engine.errors import ModelUnavailableError
+from engine.errors import ModelLoadError, ModelUnavailableError
 from engine.registry import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -133,12 +138,111 @@ def assemble(entry: ModelEntry, models_dir: Path) -> Path:
 
 
 def gguf_path(entry: ModelEntry, models_dir: Path) -> Path | None:
-    """The entry's GGUF file on disk (parts joined first), or None if it is not GGUF."""
+    """The entry's GGUF file on disk (parts joined first), or None if it is not GGUF. A file
+    that is there but cut short or corrupt is a ModelLoadError naming it, before any backend
+    (or a native library) is handed it."""
     if entry.gguf_file:
-        return assemble(entry, models_dir) / entry.gguf_file
-    if entry.source.endswith(".gguf"):
-        return assemble(entry, models_dir)
+        path = assemble(entry, models_dir) / entry.gguf_file
+    elif entry.source.endswith(".gguf"):
+        path = assemble(entry, models_dir)
+    else:
+        return None
+    if path.is_file():
+        stat = path.stat()
+        problem = _gguf_problem(str(path), stat.st_size, stat.st_mtime_ns)
+        if problem:
+            raise ModelLoadError(f"Model {entry.id!r}: GGUF file {path} {problem}")
+    return path
+
+
+# GGUF metadata value types (gguf.constants.GGUFValueType): struct formats of the scalars.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_problem(path: str, size: int, _mtime_ns: int) -> str | None:
+    """Why a GGUF file cannot be whole (not GGUF, a header cut short, tensor data past the
+    end: a truncated copy), or None. Reads the header only; cached per file version."""
+    if size < 24:
+        return f"is truncated or corrupt: {size} bytes, less than a GGUF header"
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        if view[:4] != b"GGUF":
+            return f"is corrupt: not a GGUF file (it starts with {bytes(view[:4])!r})"
+        if struct.unpack_from("<I", view, 4)[0] > 0xFFFF:
+            if struct.unpack_from(">I", view, 4)[0] <= 0xFFFF:  # big-endian: not read here
+                return None
+            return "is corrupt: its GGUF version field holds no version"
+        try:
+            end = _gguf_data_end(view)
+        except struct.error:
+            return "is truncated or corrupt: the file ends inside its header"
+        except (ValueError, OverflowError, RecursionError) as exc:
+            return f"is corrupt: its header cannot be read ({type(exc).__name__}: {exc})"
+    if end > size:
+        return (f"is truncated or corrupt: its tensors need {end} bytes and the file has "
+                f"{size}")
     return None
+
+
+def _gguf_data_end(view: Any) -> int:
+    """Where the last tensor's data ends, from a GGUF (v2+) header: magic, version, tensor
+    and metadata counts, the metadata, the tensor infos, then aligned data."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    pos = 4
+
+    def take(fmt: str) -> tuple[Any, ...]:
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, view, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values
+
+    def skip(kind: int, count: int = 1) -> None:
+        nonlocal pos
+        if kind in _GGUF_SCALARS:
+            pos += count * struct.calcsize(_GGUF_SCALARS[kind])
+        elif kind == _GGUF_STRING:
+            for _ in range(count):
+                (length,) = take("Q")  # before `pos +=`: take moves pos itself
+                pos += length
+        elif kind == _GGUF_ARRAY:
+            for _ in range(count):
+                skip(*take("IQ"))
+        else:
+            raise ValueError(f"unknown metadata type {kind}")
+        if pos > len(view):
+            raise struct.error("metadata past the end of the file")
+
+    version, n_tensors, n_kv = take("IQQ")
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    alignment = 32
+    for _ in range(n_kv):
+        (length,) = take("Q")
+        key = bytes(view[pos:pos + length])
+        pos += length
+        (kind,) = take("I")
+        if key == b"general.alignment" and kind == 4:
+            (alignment,) = take("I")
+            if alignment == 0:
+                raise ValueError("general.alignment is 0")
+        else:
+            skip(kind)
+    tensors_end = 0
+    for _ in range(n_tensors):
+        (length,) = take("Q")  # the name
+        pos += length
+        (n_dims,) = take("I")
+        dims = take(f"{n_dims}Q")
+        ggml_type, offset = take("IQ")
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):  # a type newer than the gguf package: its start only
+            block, block_bytes = 1, 0
+        tensors_end = max(tensors_end, offset + math.prod(dims) // block * block_bytes)
+    return -(-pos // alignment) * alignment + tensors_end
 
 
 def is_installed(entry: ModelEntry) -> bool:

@@ -3,16 +3,23 @@ the task's batched call, `unload`."""
 
 from __future__ import annotations
 
+import functools
 import gc
+import json
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
 from engine.devices import release_device_memory
+from engine.errors import EmberError, ModelLoadError
 from engine.registry import ModelEntry
+from engine.sources import resolve_source
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,77 @@ def thread_safe_encoder(tokenizer: Any) -> Tokenizer:
     return encoder
 
 
+def _from_safetensors(exc: BaseException | None) -> bool:
+    """Whether safetensors raised `exc` or what caused it (libraries re-raise it wrapped)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, SafetensorError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (its header or data cut short, or not a
+    safetensors header at all), or None. Reads the header only."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if 8 + length > size:
+                return f"its header says it is {length} bytes long; the file has {size}"
+            header = json.loads(file.read(length))
+        ends = [end for key, info in header.items() if key != "__metadata__"
+                for end in info["data_offsets"][1:]]
+    except struct.error:
+        return f"the file ends inside its header ({size} bytes)"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        return f"its header cannot be read ({type(exc).__name__})"
+    if 8 + length + max(ends, default=0) > size:
+        return f"its tensors need {8 + length + max(ends)} bytes; the file has {size}"
+    return None
+
+
+def _corrupt_weights_error(entry: ModelEntry, exc: BaseException) -> ModelLoadError:
+    """A clear load error for a safetensors file that will not load, naming the file."""
+    try:
+        folder = Path(resolve_source(entry))
+        files = sorted(folder.rglob("*.safetensors")) if folder.is_dir() else [folder]
+    except (EmberError, OSError):
+        files = []
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            return ModelLoadError(
+                f"Model {entry.id!r}: weights file {file} is corrupt or truncated: {problem}")
+    return ModelLoadError(f"Model {entry.id!r}: a safetensors weights file is corrupt or "
+                          f"truncated: {exc}")
+
+
+def _explaining_corrupt_weights(load: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(load)
+    def checked_load(self: ModelAdapter) -> None:
+        try:
+            load(self)
+        except EmberError:
+            raise
+        except Exception as exc:
+            if not _from_safetensors(exc):
+                raise
+            raise _corrupt_weights_error(self.entry, exc) from exc
+
+    return checked_load
+
+
 class ModelAdapter:
-    """Base adapter. Subclasses set `self.model` in `load` and add their task's call."""
+    """Base adapter. Subclasses set `self.model` in `load` and add their task's call. A
+    safetensors file that fails to load (corrupt, truncated) is a ModelLoadError naming the
+    model and the file, whichever adapter read it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "load" in cls.__dict__:
+            cls.load = _explaining_corrupt_weights(cls.__dict__["load"])  # type: ignore[assignment]
 
     def __init__(self, entry: ModelEntry, context: LoadContext):
         self.entry = entry

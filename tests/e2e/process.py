@@ -28,9 +28,10 @@ def free_port() -> int:
 
 @contextmanager
 def ember_serve(
-    log_path: Path, env: dict[str, str], *, wait_for: str = "/ready",
+    log_path: Path, env: dict[str, str], *, wait_for: str | None = "/ready",
     startup_s: float = STARTUP_LIMIT_S,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`wait_for=None` yields at once, before the server answers anything (start-up tests)."""
     port = free_port()
     with log_path.open("a") as log:
         process = subprocess.Popen(
@@ -40,7 +41,7 @@ def ember_serve(
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_s
-        while True:
+        while wait_for is not None:
             assert process.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
             try:
                 if httpx.get(f"{base}{wait_for}", timeout=2).status_code == 200:
