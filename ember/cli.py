@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import signal
 import sys
-from pathlib import Path
 from types import FrameType
+
+
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)
+
+
+# Set before the imports below: a server stopped while it is still starting exits 0. main()
+# gives other commands their usual signals back; uvicorn takes them over once it runs.
+for _signal in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_signal, _exit_quietly)
+
+import argparse
+import importlib
+from pathlib import Path
 
 import yaml
 
@@ -29,14 +40,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _exit_quietly(signum: int, frame: FrameType | None) -> None:
-    sys.exit(0)
-
-
 def serve(args: argparse.Namespace) -> int:
-    # Until uvicorn takes the signals over (imports, app set-up), SIGTERM/SIGINT exit 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_quietly)
     from server.app import create_app
     from server.serving import serve as serve_app
 
@@ -160,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is not serve:  # only a server exits quietly on a signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return int(args.func(args))
     except EmberError as exc:

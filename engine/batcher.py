@@ -24,6 +24,7 @@ from engine import metrics
 from engine.compute import ComputeThread
 from engine.errors import (
     DeadlineExceededError,
+    EmberError,
     ModelUnavailableError,
     OverloadedError,
     is_out_of_memory,
@@ -163,11 +164,12 @@ class Batcher(Generic[In, Out]):
             elif not item.future.cancelled():
                 item.future.exception()  # seen: asyncio would log it as never retrieved
 
-    def shutdown(self) -> None:
+    def shutdown(self, error: EmberError | None = None) -> None:
+        """Leave the compute thread; what is still queued fails with `error`."""
         self._compute.remove(self)
         with self._cond:
             left, self._queue = self._queue, []
-        gone = ModelUnavailableError(f"{self.name!r} was unloaded (or the server is shutting down)")
+        gone = error or ModelUnavailableError(f"{self.name!r} was unloaded")
         for item in left:
             self._resolve(item, error=gone)
 

@@ -13,6 +13,7 @@ a model between its load finishing and its caller using it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import threading
@@ -175,12 +176,13 @@ class ModelManager:
                 await self._unload(slot)
         self.compute.close()
 
-    def end_in_flight(self) -> None:
-        """Fail what every loaded model's runner holds (between steps); the models stay."""
+    def end_in_flight(self, error: EmberError) -> None:
+        """Fail what every loaded model's runner holds with `error` (between steps); the
+        models stay loaded until `stop`."""
         for slot in self._slots.values():
             runner = slot.loaded_runner
             if slot.state is ModelState.READY and runner is not None:
-                self.compute.between_steps(runner.shutdown)
+                self.compute.between_steps(functools.partial(runner.shutdown, error))
 
     # -- leases ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from engine.batcher import Batcher
 from engine.compute import ComputeThread
+from engine.errors import EmberError
 from engine.registry import ModelEntry
 from engine.scheduler import ChatScheduler
 from engine.settings import Settings
@@ -23,7 +24,7 @@ class Runner(Protocol):
     @property
     def load_fraction(self) -> float: ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self, error: EmberError | None = None) -> None: ...
 
 
 class JobSlotRunner:
@@ -34,7 +35,7 @@ class JobSlotRunner:
     queued = 0
     load_fraction = 0.0
 
-    def shutdown(self) -> None:
+    def shutdown(self, error: EmberError | None = None) -> None:
         pass
 
 

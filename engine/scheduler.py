@@ -41,6 +41,7 @@ from engine.compute import ComputeThread
 from engine.errors import (
     ContextLengthExceededError,
     DeadlineExceededError,
+    EmberError,
     InvalidRequestError,
     ModelUnavailableError,
     OverloadedError,
@@ -240,13 +241,13 @@ class ChatScheduler:
             max_tokens = fits
         return max_tokens, n * (prompt_len + max_tokens)
 
-    def shutdown(self) -> None:
-        """Leave the compute thread; anything still queued fails (the manager unloads a
-        model only when no request holds it, so normally nothing is)."""
+    def shutdown(self, error: EmberError | None = None) -> None:
+        """Leave the compute thread; anything still queued fails with `error` (the manager
+        unloads a model only when no request holds it, so normally nothing is)."""
         self._compute.remove(self)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        gone = ModelUnavailableError(f"{self.name!r} was unloaded (or the server is shutting down)")
+        gone = error or ModelUnavailableError(f"{self.name!r} was unloaded")
         for job in waiting:
             with contextlib.suppress(InvalidStateError):
                 job.future.set_exception(gone)

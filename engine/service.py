@@ -22,7 +22,7 @@ from engine.access import AccessPolicy, current_caller
 from engine.artifacts import ArtifactStore
 from engine.cache import IdempotencyStore, ResponseCache
 from engine.chat_backend import ChatBackend, PromptInput
-from engine.errors import DeadlineExceededError, InvalidRequestError
+from engine.errors import DeadlineExceededError, InvalidRequestError, ModelUnavailableError
 from engine.jobs import InlineKind, JobRunner
 from engine.limits import check_count
 from engine.manager import ModelManager
@@ -208,7 +208,9 @@ class Engine:
     def end_in_flight(self) -> None:
         """The drain deadline has passed: every request still running or queued ends now with
         a 503 (streams get an error frame), so shutdown never cuts a response silently."""
-        self.manager.end_in_flight()
+        self.manager.end_in_flight(ModelUnavailableError(
+            f"The server is shutting down: the drain deadline ({self.settings.drain_timeout_s:g}"
+            " s, setting drain_timeout_s) passed before this request finished; retry it."))
 
     async def stop(self) -> None:
         for task in (self._preloading, self._purging, self._watching):

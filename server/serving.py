@@ -43,7 +43,8 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         log.info("%s: draining for up to %.0fs, then shutting down",
-                 signal.Signals(sig).name, self.drain_s)
+                 signal.Signals(sig).name, self.drain_s,
+                 extra={"request_id": "-"})  # not the request the signal interrupted
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # before the loop runs: nothing is in flight yet

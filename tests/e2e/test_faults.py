@@ -280,7 +280,8 @@ def test_sigterm_past_a_short_drain_deadline_ends_the_stream_with_an_error(
     assert process.returncode == 0, log_path.read_text()[-3000:]
     assert received[-1] == "[DONE]", received[-3:]
     error = json.loads(received[-2])
-    assert "error" in error and error["error"]["message"], error
+    assert "error" in error and "drain_timeout_s" in error["error"]["message"], error
+    assert error["error"]["code"] == "model_unavailable", error
     tokens = [line for line in received[:-2] if json.loads(line)["choices"][0]["delta"]
               .get("content")]
     assert 0 < len(tokens) < 1500
