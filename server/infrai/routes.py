@@ -13,8 +13,9 @@ from engine import chat_jobs, vision
 from engine.audio import MEDIA_TYPES
 from engine.cache import CachePolicy
 from engine.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
-from engine.fetch import AUDIO, decode_data_uri, fetch_media
+from engine.fetch import AUDIO, decode_data_uri, fetch_media, vet_media_url
 from engine.service import Engine
+from engine.sources import resolve_source
 from engine.speech import encoded_speech, list_voices
 from engine.tool_calls import join_deltas
 from engine.types import (
@@ -290,7 +291,10 @@ async def _audio_bytes(ref: MediaRef, engine: Engine) -> bytes:
 @cancel_on_disconnect
 async def asr(body: AsrIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
+    if body.audio.url is not None:  # a bad URL is a 400 whatever the model
+        await vet_media_url(body.audio.url.strip(), engine.settings, "audio.url", AUDIO)
     model = engine.registry.model_or_default(body.model, "stt")
+    resolve_source(engine.registry.resolve(model))  # not installed: 503 before any fetch
     audio = await _audio_bytes(body.audio, engine)
     with renamed_params({"file": "audio"}):
         result = await engine.transcribe(

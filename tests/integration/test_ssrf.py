@@ -150,6 +150,8 @@ async def served_ssrf(make_settings: Callable[..., Settings],
         {"id": "tiny-chat-sees-absent", "task": "chat", "adapter": "models.chat:TransformersChat",
          "source": str(tiny_chat_dir), "dtype": "float32",
          "options": {"vision_model": "absent-vision"}},
+        {"id": "absent-stt", "task": "stt", "adapter": "models.whisper:WhisperSpeechToText",
+         "source": "package:no_such_package", "install_hint": "pip install absent-stt"},
     ])
     async with serve_in_process(settings) as value:
         yield value
@@ -292,6 +294,16 @@ async def test_nothing_is_fetched_for_a_vision_model_that_is_not_there(
         url = f"http://{PUBLIC_HOST}:{redirector.port}/to/0"
         response = await served_ssrf.http.post(url_input.path, json=url_input.body(url, model))
         assert response.status_code == status, response.text
+    assert redirector.paths[before:] == []
+
+
+async def test_nothing_is_fetched_for_a_speech_model_that_is_not_there(
+    served_ssrf: Served, redirector: Redirector, public_host: None,
+) -> None:
+    before = len(redirector.paths)
+    url = f"http://{PUBLIC_HOST}:{redirector.port}/to/0"
+    response = await served_ssrf.http.post("/v1/ai/asr", json=_asr(url, "absent-stt"))
+    assert response.status_code == 503 and "pip install absent-stt" in response.text
     assert redirector.paths[before:] == []
 
 
