@@ -30,6 +30,7 @@ from server.infrai.routes import router as infrai_router
 from server.openai.generations import router as generations_router
 from server.openai.retrieval import router as retrieval_router
 from server.openai.routes import router as openai_router
+from server.openapi import install_openapi
 from server.quantcdn.routes import router as quantcdn_router
 
 
@@ -230,6 +231,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(retrieval_router)
     app.include_router(infrai_router)
     app.include_router(quantcdn_router)
+    install_openapi(app)  # the published schema says what the routes answer
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -3,7 +3,7 @@ and validate the fields with a wire schema so bad values are the same 400 as a J
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -38,3 +38,28 @@ def validate_form(schema: type[Schema], fields: dict[str, object]) -> Schema:
         return schema.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
+
+
+def multipart_body(
+    schema: type[BaseModel], files: tuple[str, ...], optional_files: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its form with `read_form`: a multipart/form-data
+    request body with the schema's fields and each file field as binary."""
+    fields = schema.model_json_schema(by_alias=True)
+    assert "$defs" not in fields, "form fields are flat"
+    binary = {"type": "string", "format": "binary"}
+    properties: dict[str, Any] = {name: binary for name in (*files, *optional_files)}
+    properties.update({name: _formable(field) for name, field in fields["properties"].items()})
+    body = {"type": "object", "properties": properties,
+            "required": [*files, *fields.get("required", [])]}
+    return {"requestBody": {"required": True,
+                            "content": {"multipart/form-data": {"schema": body}}}}
+
+
+def _formable(field: dict[str, Any]) -> dict[str, Any]:
+    """A form cannot carry null (an optional field is left out instead): drop that branch."""
+    kinds = [kind for kind in field.get("anyOf", []) if kind != {"type": "null"}]
+    if not kinds:
+        return field
+    rest = {key: value for key, value in field.items() if key != "anyOf"}
+    return {**rest, **kinds[0]} if len(kinds) == 1 else {**rest, "anyOf": kinds}

@@ -3,10 +3,14 @@ are accepted and ignored; a known field with a bad value is a 400 naming it."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.openai.audio import SpeechInput
+from server.openai.images import Size
+from server.openai.schemas import Temperature
+from server.openapi import AT_LEAST_ONE, NonBlank, NonEmpty, Published
 from server.tools_wire import NamedFunction, ToolCallIn, ToolIn
 
 Prefer = Literal["balanced", "cheapest", "smartest"]
@@ -18,7 +22,7 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     model: str | None = Field(None, min_length=1)
-    vendor: str | None = None
+    vendor: Annotated[str, Published(const="ember")] | None = None  # ember serves every request
 
 
 class ChatMessageIn(BaseModel):
@@ -61,7 +65,7 @@ class ChatIn(Body):
     messages: list[ChatMessageIn]
     task: TaskName = "general"
     prefer: Prefer = "balanced"
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Temperature | None = None
     max_tokens: int | None = Field(None, ge=1)
     tools: list[ToolIn] | None = Field(None, max_length=128)
     # Extensions beside `tools`, as OpenAI's: which tool, and whether several calls may come.
@@ -82,14 +86,14 @@ class ChatIn(Body):
 
 
 class EmbedIn(Body):
-    input: str | list[str]
+    input: NonEmpty | Annotated[list[NonEmpty], AT_LEAST_ONE]
     dimensions: int | None = Field(None, ge=1)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
 
 
 class ImageIn(Body):
-    prompt: str
-    size: str | None = None
+    prompt: NonBlank
+    size: Size | None = None
     n: int = Field(1, ge=1, le=10)
     prefer: Prefer = "balanced"
 
@@ -97,7 +101,10 @@ class ImageIn(Body):
 class MediaRef(BaseModel):
     """`{url}` or `{base64, mime?}`: exactly one of url and base64."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"oneOf": [
+        {"required": ["url"], "properties": {"url": {"type": "string"}}},
+        {"required": ["base64"], "properties": {"base64": {"type": "string"}}},
+    ]})
 
     url: str | None = Field(None, min_length=1)
     base64: str | None = Field(None, min_length=1)
@@ -115,12 +122,12 @@ class VisionIn(Body):
 
     prompt: str = Field(min_length=1)
     images: list[MediaRef] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Temperature | None = None
     max_tokens: int | None = Field(None, ge=1)
 
 
 class TtsIn(Body):
-    input: str
+    input: SpeechInput
     voice: str | None = Field(None, min_length=1)
     format: Literal["mp3", "wav", "ogg", "pcm"] = "mp3"
 

@@ -3,16 +3,18 @@ body, and the transcript formats (json, text, srt, vtt, verbose_json)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import Field
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from engine.errors import InvalidRequestError
+from engine.speech import MAX_SPEECH_INPUT_CHARS, SPEED_RANGE
 from engine.types import SpeechRequest, Transcription, TranscriptionRequest, TranscriptSegment
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
+from server.openapi import NonEmpty, Published
 
 TranscriptFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 
@@ -120,12 +122,17 @@ class Voice(WireModel):
     id: str = Field(min_length=1)
 
 
+# The engine refuses blank and over-long input (every dialect), and a speed outside SPEED_RANGE.
+SpeechInput = Annotated[str, Published(pattern=r"\S", maxLength=MAX_SPEECH_INPUT_CHARS)]
+Speed = Annotated[float, Published(minimum=SPEED_RANGE[0], maximum=SPEED_RANGE[1])]
+
+
 class SpeechRequestIn(WireModel):
     model: str = Field(min_length=1)
-    input: str
-    voice: str | Voice = "alloy"
+    input: SpeechInput
+    voice: NonEmpty | Voice = "alloy"
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: float = 1.0
+    speed: Speed = 1.0
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: str | None = None
 

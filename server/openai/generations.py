@@ -3,41 +3,51 @@ download the result. No request is held open while a job runs."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import Field
 
 from engine.errors import ConflictError
-from engine.jobs import Job
+from engine.images import MAX_GUIDANCE
+from engine.jobs import JOB_STATUSES, Job
 from engine.registry import Task
 from server.deps import EngineDep, public_base_url, require_api_key
 from server.openai.schemas import WireModel
+from server.openapi import JSON_EXACT, NonBlank, Published
 from server.responses import JSON
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
+# What every video and music model checks when the job is submitted (models/media.py); each
+# model adds its own upper limits (duration, fps, steps, prompt length).
+Duration = Annotated[float, Published(exclusiveMinimum=0)]
+Seed = Annotated[int, Field(ge=0), Published(maximum=JSON_EXACT)]  # <= MAX_SEED, exactly
+Guidance = Annotated[float, Published(minimum=0, maximum=MAX_GUIDANCE)]
+OneOrMore = Annotated[int, Published(minimum=1)]
+
+
 class VideoGenerationIn(WireModel):
     model: str | None = None
-    prompt: str
-    duration: float | None = None
+    prompt: NonBlank
+    duration: Duration | None = None
     resolution: str | None = None
-    fps: int | None = None
-    seed: int | None = Field(None, ge=0)
+    fps: OneOrMore | None = None
+    seed: Seed | None = None
     negative_prompt: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
+    num_inference_steps: OneOrMore | None = None
+    guidance_scale: Guidance | None = None
 
 
 class MusicGenerationIn(WireModel):
     model: str | None = None
-    prompt: str
-    duration: float | None = None
-    seed: int | None = Field(None, ge=0)
+    prompt: NonBlank
+    duration: Duration | None = None
+    seed: Seed | None = None
     response_format: Literal["wav", "mp3", "flac"] = "wav"
-    guidance_scale: float | None = None
+    guidance_scale: Guidance | None = None
 
 
 def job_json(job: Job, base_url: str) -> dict[str, Any]:
@@ -90,8 +100,10 @@ async def music_generations(
 
 @router.get("/generations")
 async def list_generations(
-    request: Request, engine: EngineDep, status: str | None = None,
-    limit: int = Query(20), after: str | None = None,
+    request: Request, engine: EngineDep,
+    status: str | None = Query(None, json_schema_extra={"enum": list(JOB_STATUSES)}),
+    limit: int = Query(20, json_schema_extra={"minimum": 1, "maximum": 100}),
+    after: str | None = None,
 ) -> Any:
     jobs, has_more = await engine.jobs.page(status, limit, after)
     base = public_base_url(request, engine)

@@ -7,20 +7,24 @@ import asyncio
 import base64
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import Field
 
 from engine.errors import InvalidRequestError
+from engine.images import MAX_GUIDANCE
 from engine.registry import Registry
 from engine.service import Engine
 from engine.types import ImageMode, ImageRequest, ImageResult
 from server.deps import file_url
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
+from server.openapi import JSON_EXACT, NonBlank, Published
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# What parse_size accepts; each model adds its own limits (multiples of 8, up to max_side).
+Size = Annotated[str, Published(pattern=r"^(auto|\d{1,5}x\d{1,5})?$")]
 
 
 class ImageFields(WireModel):
@@ -29,24 +33,25 @@ class ImageFields(WireModel):
 
     model: str | None = None
     n: int = Field(1, ge=1, le=10)
-    size: str | None = None
+    size: Size | None = None
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] = "auto"
     response_format: Literal["url", "b64_json"] = "url"
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    seed: int | None = Field(None, ge=0)
+    # Seeds the engine takes (seed + n - 1 <= MAX_SEED), stated within JSON's exact integers.
+    seed: Annotated[int, Field(ge=0), Published(maximum=JSON_EXACT)] | None = None
     negative_prompt: str | None = None
     num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
+    guidance_scale: Annotated[float, Field(ge=0), Published(maximum=MAX_GUIDANCE)] | None = None
     strength: float | None = Field(None, gt=0, le=1)
 
 
 class ImageGenerationIn(ImageFields):
-    prompt: str
+    prompt: NonBlank
     style: Literal["vivid", "natural"] | None = None
 
 
 class ImageEditForm(ImageFields):
-    prompt: str
+    prompt: NonBlank
 
 
 class ImageVariationForm(ImageFields):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
@@ -20,22 +20,33 @@ from server.cancellation import cancel_on_disconnect
 from server.deps import EngineDep, require_api_key
 from server.openai.schemas import WireModel
 from server.openai.translate import new_id
+from server.openapi import AT_LEAST_ONE, NonEmpty, Published
 from server.responses import JSON
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
+# `{"text": ...}`, other keys ignored (document_texts); the engine refuses an empty text.
+TextObject = Annotated[dict[str, Any], Published(
+    required=["text"], properties={"text": {"type": "string", "minLength": 1}})]
+# OpenAI's multimodal form; the classifiers read text parts only (image parts are a 400).
+TextPart = Annotated[dict[str, Any], Published(
+    required=["type", "text"],
+    properties={"type": {"const": "text"}, "text": {"type": "string", "minLength": 1}})]
+
+
 class RerankRequestIn(WireModel):
     model: str | None = Field(None, min_length=1)
-    query: str
-    documents: list[str | dict[str, Any]]
-    top_n: int | None = None  # checked by the engine (at least 1), for every dialect
+    query: NonEmpty
+    documents: Annotated[list[NonEmpty | TextObject], AT_LEAST_ONE]
+    top_n: Annotated[int, Published(minimum=1)] | None = None  # the engine checks, every dialect
     return_documents: bool = False
 
 
 class ModerationRequestIn(WireModel):
     model: str | None = Field(None, min_length=1)
-    input: str | list[str] | list[dict[str, Any]]
+    input: NonEmpty | Annotated[list[NonEmpty], AT_LEAST_ONE] | Annotated[
+        list[TextPart], AT_LEAST_ONE]
 
 
 # -- translation ---------------------------------------------------------------------------------

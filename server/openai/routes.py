@@ -28,6 +28,7 @@ from engine.types import (
 from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, require_api_key
 from server.errors import openai_envelope
+from server.forms import multipart_body
 from server.openai import audio, images, translate
 from server.openai.schemas import (
     ChatCompletionRequest,
@@ -137,12 +138,14 @@ async def embeddings(
 # -- audio -------------------------------------------------------------------------------------
 
 
-@router.post("/audio/transcriptions")
+@router.post("/audio/transcriptions",
+             openapi_extra=multipart_body(audio.TranscriptionForm, ("file",)))
 async def transcriptions(request: Request, engine: EngineDep) -> Any:
     return await _transcript(request, engine, "transcribe")
 
 
-@router.post("/audio/translations")
+@router.post("/audio/translations",
+             openapi_extra=multipart_body(audio.TranscriptionForm, ("file",)))
 async def translations(request: Request, engine: EngineDep) -> Any:
     return await _transcript(request, engine, "translate")
 
@@ -218,12 +221,14 @@ async def image_generations(
         result, body, request, engine))
 
 
-@router.post("/images/edits")
+@router.post("/images/edits",
+             openapi_extra=multipart_body(images.ImageEditForm, ("image",), ("mask",)))
 async def image_edits(request: Request, engine: EngineDep) -> Any:
     return await _image_from_image(request, engine, "edit")
 
 
-@router.post("/images/variations")
+@router.post("/images/variations",
+             openapi_extra=multipart_body(images.ImageVariationForm, ("image",)))
 async def image_variations(request: Request, engine: EngineDep) -> Any:
     return await _image_from_image(request, engine, "variation")
 

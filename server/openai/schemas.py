@@ -6,11 +6,31 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from server.openapi import AT_LEAST_ONE, NonEmpty, TokenIds
 from server.tools_wire import NamedFunction, ToolCallIn, ToolIn
 
 log = logging.getLogger("ember.http")
+
+# Sampling values so small that the logits overflow (a denormal temperature divides them to
+# inf; a repetition_penalty under float32's range rounds to 0 there, giving inf and NaN), which
+# broke decoding under an output grammar (a 500). Every dialect's schema maps them here:
+# a temperature under GREEDY_BELOW is greedy (its distribution is the argmax already), and a
+# repetition_penalty is at least MIN_REPETITION_PENALTY (still "always repeat").
+GREEDY_BELOW = 1e-6
+MIN_REPETITION_PENALTY = 1e-30
+
+
+def _greedy_if_tiny(value: float) -> float:
+    return 0.0 if 0 < value < GREEDY_BELOW else value
+
+
+def _representable_penalty(value: float) -> float:
+    return max(value, MIN_REPETITION_PENALTY)
+
+
+Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(_greedy_if_tiny)]
 
 
 class WireModel(BaseModel):
@@ -62,11 +82,12 @@ class SamplingFields(WireModel):
     Ember extensions (as vLLM's): top_k, min_p, repetition_penalty, ignore_eos."""
 
     model: str = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Temperature | None = None
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: Annotated[
+        float, Field(gt=0, le=10), AfterValidator(_representable_penalty)] | None = None
     n: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: StopField = None
@@ -98,8 +119,13 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
 
 
+# A prompt or input: a string, token ids, or a list of either; none of them empty.
+TextsOrTokens = (NonEmpty | TokenIds | Annotated[list[NonEmpty], AT_LEAST_ONE]
+                 | Annotated[list[TokenIds], AT_LEAST_ONE])
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: TextsOrTokens
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -108,7 +134,7 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequestIn(WireModel):
     model: str = Field(min_length=1)
-    input: str | list[int] | list[str] | list[list[int]]
+    input: TextsOrTokens
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None

@@ -4,9 +4,24 @@ a known field with a bad value is a 400 naming it (by its camelCase name)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.openai.schemas import Temperature
+from server.openapi import AT_LEAST_ONE, NonEmpty, Published
+
+# A content block: {text} or {image: {format, source: {bytes}}} (video and document blocks are
+# refused: ember reads neither).
+ContentBlock = Annotated[dict[str, Any], Published(anyOf=[
+    {"required": ["text"], "properties": {"text": {"type": "string"}}},
+    {"required": ["image"], "properties": {"image": {
+        "type": "object", "required": ["format", "source"],
+        "properties": {"format": {"type": "string"},
+                       "source": {"type": "object", "required": ["bytes"],
+                                  "properties": {"bytes": {"type": "string", "pattern": r"\S"}}}},
+    }}},
+])]
 
 
 class Wire(BaseModel):
@@ -16,7 +31,7 @@ class Wire(BaseModel):
 class MessageIn(Wire):
     role: Literal["user", "assistant", "system"]
     # A string, or content blocks: {text}, {image: {format, source: {bytes}}}, {video}, {document}
-    content: str | list[dict[str, Any]]
+    content: str | list[ContentBlock]
 
 
 class ResponseFormatIn(Wire):
@@ -62,14 +77,15 @@ class ToolChoiceIn(Wire):
 class ToolConfigIn(Wire):
     tools: list[ToolIn] | None = Field(None, max_length=128)
     tool_choice: ToolChoiceIn | None = Field(None, alias="toolChoice")
-    auto_execute: bool = Field(False, alias="autoExecute")
+    # ember returns toolUse for the caller to run; true is a 400.
+    auto_execute: bool = Field(False, alias="autoExecute", json_schema_extra={"const": False})
     allowed_tools: list[str] | None = Field(None, alias="allowedTools")
 
 
 class ChatIn(Wire):
     messages: list[MessageIn] = Field(min_length=1)
     model_id: str = Field(alias="modelId", min_length=1)
-    temperature: float = Field(0.7, ge=0, le=2)
+    temperature: Temperature = 0.7
     max_tokens: int = Field(1024, ge=1, le=8192, alias="maxTokens")
     top_p: float | None = Field(None, gt=0, le=1, alias="topP")
     stream: bool | None = None  # the buffered route answers in one piece whatever it says
@@ -80,10 +96,10 @@ class ChatIn(Wire):
 
 
 class EmbeddingsIn(Wire):
-    input: str | list[str]
+    input: NonEmpty | Annotated[list[NonEmpty], AT_LEAST_ONE]
     model_id: str = Field("amazon.titan-embed-text-v2:0", alias="modelId", min_length=1)
     dimensions: int | None = Field(1024, ge=1)
-    normalize: bool = True
+    normalize: bool = Field(True, json_schema_extra={"const": True})  # unit vectors only
 
 
 NovaStyle = Literal[
