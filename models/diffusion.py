@@ -180,6 +180,11 @@ class DiffusionImages(ModelAdapter):
         if mode != "text" and steps * strength < 1:
             # Image to image runs steps x strength steps; fewer than one would denoise
             # nothing (1-step turbo models at strength 0.6), so take enough steps for one.
+            if self.max_steps * strength < 1:
+                raise InvalidRequestError(
+                    f"strength {strength:g} leaves no denoising step: {self.entry.id!r} runs "
+                    f"at most {self.max_steps} steps, so strength must be at least "
+                    f"{1 / self.max_steps:.3g}", param="strength")
             steps = min(self.max_steps, math.ceil(1 / strength))
         if init_image is not None:
             init_image = init_image.resize((width, height))

@@ -164,11 +164,6 @@ def bounded(path: str, body: dict[str, Any]) -> None:
             body[field] = cap
     if isinstance(body.get("input"), str):  # speech, and texts to embed or moderate
         body["input"] = body["input"][:MAX_INPUT_CHARS]
-    # Known bug, not in this test's reach: models/diffusion.py answers 500 when strength x
-    # max_steps < 1 (no denoising step is left). Until that is a 400 there, strength stays
-    # at 1/8 (the tiny image model's max_steps) or above.
-    if _number(body.get("strength")) and 0 < body["strength"] < 0.125:
-        body["strength"] = 0.125
 
 
 def real(path: str, body: dict[str, Any]) -> None:
