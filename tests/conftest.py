@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,15 @@ async def serve_in_process(settings: Settings) -> AsyncIterator[Served]:
                 http_client=http,  # type: ignore[arg-type]  # typed for httpx2; httpx works
             )
             yield Served(app=app, openai=client, http=http)
+
+
+def http_server_thread(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A stdlib HTTP server on a free loopback port, serving from a daemon thread (the test
+    stand-ins for remote media hosts); its port is `server_address[1]`."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
 
 
 @contextmanager

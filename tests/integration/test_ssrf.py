@@ -19,7 +19,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import pytest
 
 from engine import fetch
 from engine.settings import Settings
-from tests.conftest import Served, serve_in_process
+from tests.conftest import Served, http_server_thread, serve_in_process
 
 PUBLIC_HOST = "public.test"  # stands in for a public host: see `public_host`
 
@@ -85,10 +85,8 @@ class Redirector:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = http_server_thread(Handler)
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import openai
@@ -18,7 +17,7 @@ from PIL import Image
 
 from engine.service import prompt_input
 from engine.settings import Settings
-from tests.conftest import Served, serve_in_process
+from tests.conftest import Served, http_server_thread, serve_in_process
 from tests.vision_checks import generate_greedy, image_request
 
 QUESTION = "What is in this picture?"
@@ -97,10 +96,8 @@ class ImageServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = http_server_thread(Handler)
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
