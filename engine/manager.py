@@ -35,6 +35,7 @@ from engine.errors import (
     ModelLoadError,
     ModelUnavailableError,
     PermissionDeniedError,
+    is_out_of_memory,
 )
 from engine.registry import ModelEntry, Registry, Task
 from engine.runners import Runner, make_runner
@@ -259,9 +260,13 @@ class ModelManager:
                      slot.memory_bytes / 2**20, f", on {choice.backend}" if choice.backend else "")
             await self._make_room(slot, 0)
         except Exception as exc:
-            error = exc if isinstance(exc, EmberError) else ModelLoadError(
-                f"{entry.id!r} failed to load: {type(exc).__name__}: {exc}"
-            )
+            if isinstance(exc, EmberError):
+                error = exc
+            elif is_out_of_memory(exc):
+                error = ModelLoadError(f"{entry.id!r} ran out of memory while loading: free "
+                                       "memory (unload models) or set memory_budget_mb")
+            else:
+                error = ModelLoadError(f"{entry.id!r} failed to load: {type(exc).__name__}: {exc}")
             slot.state, slot.error = ModelState.FAILED, error.message
             log.error("loading %s failed: %s", entry.id, error.message, exc_info=exc)
             if error is exc:

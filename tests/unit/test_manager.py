@@ -31,6 +31,8 @@ class CountingAdapter(ModelAdapter):
         time.sleep(0.2)
         if self.entry.options.get("fail"):
             raise RuntimeError("weights are corrupt")
+        if self.entry.options.get("too_big"):
+            raise MemoryError()
         CountingAdapter.loads[self.entry.id] = CountingAdapter.loads.get(self.entry.id, 0) + 1
         self.model = object()
 
@@ -119,6 +121,18 @@ async def test_failed_load_is_isolated_and_retried(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError):  # tried again, not cached forever
         async with manager.lease("bad"):
             pass
+    await manager.stop()
+
+
+async def test_out_of_memory_while_loading_fails_that_model_only(tmp_path: Path) -> None:
+    manager = manager_for([entry("huge", too_big=True), entry("good")], tmp_path)
+    with pytest.raises(ModelLoadError, match="ran out of memory while loading") as caught:
+        async with manager.lease("huge"):
+            pass
+    assert caught.value.status_code == 503
+    assert states(manager)["huge"] == "failed"
+    async with manager.lease("good") as slot:
+        assert slot.adapter is not None
     await manager.stop()
 
 
