@@ -13,6 +13,7 @@ class EmberError(Exception):
     status_code = 500
     error_type = "server_error"
     code: str | None = "internal_error"
+    retry_after: float | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -84,6 +85,7 @@ class OverloadedError(EmberError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "queue_full"
+    retry_after: float = 1.0
 
     def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None):
         super().__init__(message, param=param)
@@ -113,11 +115,13 @@ class ModelExecutionError(EmberError):
 
 
 class ModelOutOfMemoryError(EmberError):
-    """Out of memory (host or CUDA) while running: retry later, or smaller."""
+    """Out of memory (host or CUDA) while running: retry later (the model then runs smaller
+    batches), or smaller."""
 
     status_code = 503
     error_type = "server_error"
     code = "out_of_memory"
+    retry_after = 1.0
 
 
 class DeadlineExceededError(EmberError):

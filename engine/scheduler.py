@@ -45,6 +45,7 @@ from engine.errors import (
     InvalidRequestError,
     ModelUnavailableError,
     OverloadedError,
+    is_out_of_memory,
     model_failure,
 )
 from engine.sampling import SamplerState, choose_tokens
@@ -61,6 +62,8 @@ from engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+RECOVERY_STEPS = 200  # clean steps after an out-of-memory step before the batch cap doubles
 
 
 @dataclass(eq=False)  # compared by identity
@@ -125,6 +128,10 @@ class ChatScheduler:
         self.backend = backend
         self.name = name
         self.max_sequences = min(max_batch_size, backend.max_sequences)
+        # Admission cap: halved when a step runs out of memory (its requests get a 503 to
+        # retry), doubled back after RECOVERY_STEPS clean steps.
+        self.sequence_cap = self.max_sequences
+        self._clean_steps = 0
         self.kv_capacity = min(kv_cache_tokens, backend.kv_capacity)
         self.max_queue = max_queue
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -278,12 +285,27 @@ class ChatScheduler:
             except Exception as exc:  # a broken step fails its requests, never the server
                 jobs = self._jobs_in(plan)
                 log.exception("%s: step failed; failing requests %s", self.name, _ids(jobs))
+                if is_out_of_memory(exc):
+                    self._shrink_batches()
                 self._fail(jobs, model_failure(self.name, exc))
                 continue
             self.steps += 1
+            self._clean_steps += 1
+            if self.sequence_cap < self.max_sequences and self._clean_steps >= RECOVERY_STEPS:
+                self.sequence_cap = min(self.max_sequences, self.sequence_cap * 2)
+                self._clean_steps = 0
             if plan.decode:
                 metrics.BATCH_SIZE.labels(self.name).observe(len(plan.decode))
             self._take_logits(plan, logits)
+
+    def _shrink_batches(self) -> None:
+        """Out of memory: the next batches hold half as many sequences (what the failed
+        requests' retries get), until clean steps bring the cap back."""
+        with self._cond:
+            self.sequence_cap = max(1, min(self.sequence_cap, self._reserved_sequences) // 2)
+        self._clean_steps = 0
+        log.warning("%s: out of memory; at most %d sequences per batch for now", self.name,
+                    self.sequence_cap)
 
     def _admit(self) -> None:
         """Under `_cond`: take waiting jobs, in order, while sequences and KV allow."""
@@ -295,7 +317,7 @@ class ChatScheduler:
                 self._finish_unstarted(job, now)
                 continue
             n = job.sampling.n
-            fits = (self._reserved_sequences + n <= self.max_sequences
+            fits = (self._reserved_sequences + n <= self.sequence_cap
                     and self._reserved_kv + job.reserved_kv <= self.kv_capacity)
             if not fits and self._admitted_jobs:  # a job that would run alone always goes
                 return

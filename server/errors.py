@@ -18,7 +18,6 @@ from engine.errors import (
     EmberError,
     InvalidRequestError,
     NotFoundError,
-    OverloadedError,
     PayloadTooLargeError,
 )
 from server.infrai.errors import infrai_envelope
@@ -63,7 +62,7 @@ def error_response(request: Request, error: EmberError) -> JSONResponse:
     log.log(level, "%s %s → %d %s: %s", request.method, request.url.path, error.status_code,
             error.code, error.message)
     headers = {}
-    if isinstance(error, OverloadedError):
+    if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     return JSONResponse(
         envelope_for(request.url.path)(error), status_code=error.status_code, headers=headers

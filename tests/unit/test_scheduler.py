@@ -996,22 +996,43 @@ def test_a_failing_backend_step_fails_its_requests_and_the_next_one_is_served() 
     assert_idle(scheduler, backend)
 
 
-def test_a_failing_step_says_which_model_failed_and_out_of_memory_is_a_503() -> None:
+def test_a_failing_step_says_which_model_failed() -> None:
     backend = FakeBackend()
-    backend.fail_calls = {1, 3}
+    backend.fail_calls = {1}
     scheduler = make(backend)
     crashed = submit(scheduler, make_prompt(5, 1), max_tokens=6, temperature=0)
     scheduler.step()
     error = crashed.error()
     assert isinstance(error, ModelExecutionError) and error.status_code == 500
     assert "'fake'" in error.message and "injected failure in call 1" in error.message
-    backend.fail_with = MemoryError
-    drain(scheduler)
-    starved = submit(scheduler, make_prompt(5, 2), max_tokens=6, temperature=0)
+    assert_idle(scheduler, backend)
+
+
+def test_out_of_memory_is_a_503_and_the_retries_run_in_smaller_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("engine.scheduler.RECOVERY_STEPS", 5)
+    backend = FakeBackend()
+    backend.fail_calls, backend.fail_with = {1}, MemoryError
+    scheduler = make(backend)
+    starved = [submit(scheduler, make_prompt(5, i), max_tokens=6, temperature=0)
+               for i in range(4)]
     scheduler.step()
-    scheduler.step()
-    error = starved.error()
-    assert isinstance(error, ModelOutOfMemoryError) and error.status_code == 503
+    for request in starved:
+        error = request.error()
+        assert isinstance(error, ModelOutOfMemoryError) and error.status_code == 503
+        assert error.retry_after == 1.0
+    assert scheduler.sequence_cap == 2  # 4 sequences ran out of memory: half as many now
+    retried = [submit(scheduler, make_prompt(5, i), max_tokens=6, temperature=0)
+               for i in range(4)]
+    peak = 0
+    while scheduler.ready_in(time.monotonic()) == 0:
+        scheduler.step()
+        peak = max(peak, scheduler._reserved_sequences)
+    assert peak == 2
+    for request in retried:
+        assert_greedy(request, backend, 6)
+    assert scheduler.sequence_cap == scheduler.max_sequences  # clean steps brought it back
     assert_idle(scheduler, backend)
 
 
