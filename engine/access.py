@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,13 @@ def hash_key(key: str, salt: str | None = None) -> str:
     return f"{HASH_SCHEME}${salt}${digest}"
 
 
+def matching_index(pairs: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The index of the first (presented, accepted) pair that matches. Every pair is compared,
+    each in constant time, so timing tells nothing of which key is close."""
+    matches = [secrets.compare_digest(given, accepted) for given, accepted in pairs]
+    return matches.index(True) if any(matches) else None
+
+
 def new_key() -> str:
     return "ember-" + secrets.token_urlsafe(32)
 
@@ -76,7 +83,7 @@ class KeysFile(BaseModel):
 
 
 @dataclass
-class Usage:
+class RecentUse:
     """One caller's recent use: request times and (time, tokens) within the last minute."""
 
     requests: deque[float] = field(default_factory=deque)
@@ -96,7 +103,7 @@ class Caller:
 
     name: str
     entry: KeyEntry | None = None  # None: a plain key from the settings, unscoped, unlimited
-    usage: Usage = field(default_factory=Usage)
+    usage: RecentUse = field(default_factory=RecentUse)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def may_use_model(self, ids: set[str]) -> bool:
@@ -168,11 +175,11 @@ class AccessPolicy:
 
     def __init__(self, plain_keys: list[str], keys_file: Path | None):
         self._plain = [Caller(name=f"key-{i + 1}") for i in range(len(plain_keys))]
-        self._plain_keys = plain_keys
-        self._hashed: list[Caller] = []
-        if keys_file is not None:
-            self._hashed = [Caller(name=entry.name, entry=entry)
-                            for entry in self._read(keys_file).keys]
+        self._plain_keys = [key.encode() for key in plain_keys]
+        entries = self._read(keys_file).keys if keys_file is not None else []
+        self._hashed = [Caller(name=entry.name, entry=entry) for entry in entries]
+        # (salt, stored hash) of each hashed key, split once.
+        self._hashes = [(entry.hash.split("$")[1], entry.hash.encode()) for entry in entries]
 
     @staticmethod
     def _read(path: Path) -> KeysFile:
@@ -189,19 +196,13 @@ class AccessPolicy:
         return len(self._plain) + len(self._hashed)
 
     def authenticate(self, presented: str | None) -> Caller | None:
-        """The caller a key belongs to, or None. Every key is compared, each in constant time,
-        so timing tells nothing of which key is close."""
+        """The caller a key belongs to, or None; every key is compared (`matching_index`)."""
         if presented is None:
             return None
-        found: Caller | None = None
         given = presented.encode()
-        for caller, key in zip(self._plain, self._plain_keys, strict=True):
-            if secrets.compare_digest(given, key.encode()) and found is None:
-                found = caller
-        for caller in self._hashed:
-            assert caller.entry is not None
-            _, salt, _ = caller.entry.hash.split("$")
-            if secrets.compare_digest(hash_key(presented, salt).encode(),
-                                      caller.entry.hash.encode()) and found is None:
-                found = caller
-        return found
+        plain = matching_index((given, key) for key in self._plain_keys)
+        hashed = matching_index((hash_key(presented, salt).encode(), stored)
+                                for salt, stored in self._hashes)
+        if plain is not None:
+            return self._plain[plain]
+        return self._hashed[hashed] if hashed is not None else None

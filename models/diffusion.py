@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
-from engine.images import decode_image
+from engine.images import MAX_GUIDANCE, MIN_SIDE, SIDE_MULTIPLE, decode_image
 from engine.sources import resolve_source
 from engine.types import ImageRequest
 from models.base import ModelAdapter
@@ -31,8 +31,6 @@ from models.base import ModelAdapter
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_S = 5.0
-MAX_SEED = 2**63 - 1
-MIN_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -113,10 +111,11 @@ class DiffusionImages(ModelAdapter):
 
     def _check_side(self, width: int, height: int) -> None:
         for side in (width, height):
-            if side % 8 or not MIN_SIDE <= side <= self.max_side:
+            if side % SIDE_MULTIPLE or not MIN_SIDE <= side <= self.max_side:
                 raise InvalidRequestError(
                     f"size {width}x{height} is not supported by {self.entry.id!r}: each side "
-                    f"must be a multiple of 8 between {MIN_SIDE} and {self.max_side}",
+                    f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and "
+                    f"{self.max_side}",
                     param="size",
                 )
 
@@ -137,9 +136,8 @@ class DiffusionImages(ModelAdapter):
         return steps
 
     def prepare(self, request: ImageRequest) -> list[ImageJob]:
-        """Validate against this model's limits and decode input images: one job per image."""
-        if request.mode != "variation" and not request.prompt.strip():
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        """Validate against this model's limits and decode input images: one job per image.
+        (What needs no model, engine.images.check_image_request checked before the lease.)"""
         if len(request.prompt) > self.max_prompt_chars:
             raise InvalidRequestError(
                 f"prompt has {len(request.prompt)} characters; {self.entry.id!r} accepts at "
@@ -147,17 +145,11 @@ class DiffusionImages(ModelAdapter):
             )
         guidance = self.default_guidance if request.guidance_scale is None \
             else request.guidance_scale
-        if not 0 <= guidance <= 30:
+        if not 0 <= guidance <= MAX_GUIDANCE:  # the entry's own default_guidance
             raise InvalidRequestError(
-                f"guidance_scale must be between 0 and 30; got {guidance}", param="guidance_scale"
-            )
+                f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}; got {guidance}",
+                param="guidance_scale")
         strength = 1.0 if request.strength is None else request.strength
-        if not 0 < strength <= 1:
-            raise InvalidRequestError(
-                f"strength must be in (0, 1]; got {strength}", param="strength"
-            )
-        if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.n:
-            raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}", param="seed")
         steps = self._steps(request)
         init_image = mask = None
         width, height = request.width, request.height
@@ -166,7 +158,7 @@ class DiffusionImages(ModelAdapter):
             init_image = decode_image(request.image, "image").convert("RGB")
             if width is None or height is None:  # keep the input's size, on the 8-pixel grid
                 scale = min(1.0, self.max_side / max(init_image.size))
-                width, height = (max(MIN_SIDE, int(side * scale) // 8 * 8)
+                width, height = (max(MIN_SIDE, int(side * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE)
                                  for side in init_image.size)
             mode = "image"
             if request.mask is not None:

@@ -9,20 +9,15 @@ is a 401.
 
 from __future__ import annotations
 
-import secrets
-
 from fastapi import Request
 
+from engine.access import matching_index
 from engine.errors import AuthenticationError, PermissionDeniedError
 from server.deps import KEY_HINT, admit, presented_key
 
 
 def _matches(token: str, keys: list[str]) -> bool:
-    # Every key is compared (no early exit), in constant time each.
-    found = False
-    for key in keys:
-        found |= secrets.compare_digest(token.encode(), key.encode())
-    return found
+    return matching_index((token.encode(), key.encode()) for key in keys) is not None
 
 
 async def require_organisation_key(organisation: str, request: Request) -> None:
