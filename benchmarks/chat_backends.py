@@ -80,10 +80,10 @@ from benchmarks.overhead import (
     write_report,
 )
 from benchmarks.sweep import Level, run_level
-from engine.backends import choose_backend, gguf_path
-from engine.devices import resolve_device, resolve_dtype
-from engine.registry import Registry
-from engine.settings import load_settings
+from engine.core.backends import choose_backend, gguf_path
+from engine.core.devices import resolve_device, resolve_dtype
+from engine.core.registry import Registry
+from engine.core.settings import load_settings
 
 RAW, EMBER_LLAMA, EMBER_TRANSFORMERS = "raw llama.cpp", "ember llama.cpp", "ember transformers"
 SIDES = (RAW, EMBER_LLAMA, EMBER_TRANSFORMERS)

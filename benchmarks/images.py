@@ -63,7 +63,7 @@ from benchmarks.overhead import (
     wait_until_ready,
     write_report,
 )
-from engine.images import encode_image
+from engine.core.image_codec import encode_image
 
 MODEL_ID = "bench-sd-random"
 PROMPT = "a watercolor painting of a lighthouse on a cliff at dawn, soft light"

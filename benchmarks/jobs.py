@@ -69,7 +69,7 @@ from benchmarks.overhead import (
     wait_until_ready,
     write_report,
 )
-from engine.jobs import PROGRESS_WRITE_S
+from engine.jobs.runner import PROGRESS_WRITE_S
 from models.video import encode_mp4
 
 MODEL_ID = "bench-video-random"

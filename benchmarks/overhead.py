@@ -39,10 +39,10 @@ import transformers
 from sentence_transformers import SentenceTransformer
 from transformers.generation.streamers import BaseStreamer
 
-from engine.devices import resolve_device, resolve_dtype
-from engine.registry import Registry
-from engine.settings import Settings, load_settings
-from engine.sources import resolve_source
+from engine.core.devices import resolve_device, resolve_dtype
+from engine.core.registry import Registry
+from engine.core.settings import Settings, load_settings
+from engine.core.sources import resolve_source
 from models.base import LoadContext
 from models.chat import TransformersChat
 

@@ -53,11 +53,11 @@ from benchmarks.overhead import (
     wait_until_ready,
     write_report,
 )
-from engine.audio import OUTPUT_RATE, decode_audio, encode_audio
-from engine.registry import Registry
-from engine.settings import Settings, load_settings
-from engine.sources import assemble
-from engine.types import SpeechRequest
+from engine.contracts.speech import SpeechRequest
+from engine.core.audio_codec import OUTPUT_RATE, decode_audio, encode_audio
+from engine.core.registry import Registry
+from engine.core.settings import Settings, load_settings
+from engine.core.sources import assemble
 from models.base import LoadContext
 from models.piper import PiperVoice
 

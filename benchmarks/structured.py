@@ -51,8 +51,8 @@ from benchmarks.overhead import (
     write_report,
 )
 from benchmarks.sweep import Level, run_level
-from engine.devices import resolve_device, resolve_dtype
-from engine.settings import load_settings
+from engine.core.devices import resolve_device, resolve_dtype
+from engine.core.settings import load_settings
 
 # The integration tests' schemas (tests/integration/test_structured.py), whose compile times
 # this reports: nested objects, enums, arrays with min/max items, required fields, bounds.
@@ -156,9 +156,13 @@ def measure_compiles(path: Path) -> dict[str, dict[str, float]]:
     import llama_cpp
     from llguidance.llamacpp import lltokenizer_from_vocab
 
-    from engine.structured import GrammarCompiler, response_format_grammar, tool_call_grammar
-    from engine.tool_calls import HERMES
-    from engine.types import ResponseFormat, ToolSpec
+    from engine.contracts.chat import ResponseFormat, ToolSpec
+    from engine.contracts.chat_templates import HERMES
+    from engine.generation.structured import (
+        GrammarCompiler,
+        response_format_grammar,
+        tool_call_grammar,
+    )
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
@@ -239,8 +243,8 @@ def render(report: StructuredReport) -> str:
 
 
 def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> StructuredReport:
-    from engine.registry import Registry
-    from engine.sources import gguf_path
+    from engine.core.registry import Registry
+    from engine.core.sources import gguf_path
 
     settings = load_settings(preload=[])
     device = resolve_device(settings.device)

@@ -53,8 +53,8 @@ from benchmarks.overhead import (
     stop_server,
     wait_until_ready,
 )
-from engine.registry import Registry
-from engine.settings import load_settings
+from engine.core.registry import Registry
+from engine.core.settings import load_settings
 from models.chat import TransformersChat
 
 TOPICS = ["a lighthouse", "the moon", "a bakery", "an old map", "a robot", "the ocean",

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from engine.errors import EmberError
-from engine.logs import configure_logging
-from engine.registry import Registry
-from engine.settings import Settings, load_settings
-from engine.sources import PACKAGE_PREFIX, is_installed, is_local_source
+from engine.core.errors import EmberError
+from engine.core.logs import configure_logging
+from engine.core.registry import Registry
+from engine.core.settings import Settings, load_settings
+from engine.core.sources import PACKAGE_PREFIX, is_installed, is_local_source
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -98,8 +98,8 @@ def pull(args: argparse.Namespace) -> int:
 
 def new_key(args: argparse.Namespace) -> int:
     """A fresh API key, printed once, and its keys-file entry (which holds only its hash)."""
-    from engine.access import KeyEntry, hash_key
-    from engine.access import new_key as make_key
+    from engine.core.access import KeyEntry, hash_key
+    from engine.core.access import new_key as make_key
 
     key = make_key()
     entry = KeyEntry(name=args.name, hash=hash_key(key), models=args.models, routes=args.routes,

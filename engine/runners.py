@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from engine.batcher import Batcher
-from engine.compute import ComputeThread
-from engine.errors import EmberError
-from engine.registry import ModelEntry
-from engine.scheduler import ChatScheduler
-from engine.settings import Settings
+from engine.core.batcher import Batcher
+from engine.core.compute import ComputeThread
+from engine.core.errors import EmberError
+from engine.core.registry import ModelEntry
+from engine.core.settings import Settings
+from engine.generation.scheduler import ChatScheduler
 
 
 class Runner(Protocol):

@@ -17,45 +17,54 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from engine import chat_jobs, images, metrics, ranking, speech, vision
-from engine.access import AccessPolicy, current_caller
-from engine.artifacts import ArtifactStore
-from engine.cache import IdempotencyStore, ResponseCache
-from engine.chat_backend import ChatBackend, PromptInput
-from engine.errors import DeadlineExceededError, InvalidRequestError, ModelUnavailableError
-from engine.jobs import InlineKind, JobRunner
-from engine.limits import check_count
-from engine.manager import ModelManager
-from engine.registry import Registry
-from engine.routing import Router
-from engine.settings import Settings
-from engine.sources import is_installed
-from engine.structured import check_constraint
-from engine.tool_calls import ToolCallParser, detect_format, join_deltas
-from engine.types import (
+from engine.contracts.chat import (
+    ChatBackend,
     Choice,
     ChoiceFinished,
-    EmbeddingRequest,
-    EmbeddingResult,
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
-    ImageRequest,
-    ImageResult,
+    PromptInput,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from engine.contracts.chat_templates import detect_format
+from engine.contracts.embeddings import EmbeddingRequest, EmbeddingResult
+from engine.contracts.images import ImageRequest, ImageResult
+from engine.contracts.ranking import (
     ModerationRequest,
     ModerationResult,
     RerankRequest,
     RerankResult,
+)
+from engine.contracts.speech import (
     SpeechChunk,
     SpeechRequest,
-    TextDelta,
-    ToolCallDelta,
     Transcription,
     TranscriptionInfo,
     TranscriptionRequest,
     TranscriptSegment,
-    Usage,
 )
+from engine.core import metrics
+from engine.core.access import AccessPolicy, current_caller
+from engine.core.errors import DeadlineExceededError, InvalidRequestError, ModelUnavailableError
+from engine.core.limits import check_count
+from engine.core.manager import ModelManager
+from engine.core.registry import Registry
+from engine.core.settings import Settings
+from engine.core.sources import is_installed
+from engine.gateway.cache import IdempotencyStore, ResponseCache
+from engine.gateway.routing import Router
+from engine.generation import vision
+from engine.generation.structured import check_constraint
+from engine.generation.tool_calls import ToolCallParser, join_deltas
+from engine.images import service as images
+from engine.jobs import chat as chat_jobs
+from engine.jobs.runner import InlineKind, JobRunner
+from engine.media.artifacts import ArtifactStore
+from engine.ranking import service as ranking
+from engine.speech import service as speech
 from models.embeddings import truncate_dimensions
 
 log = logging.getLogger(__name__)

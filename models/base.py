@@ -16,10 +16,10 @@ import torch
 from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
-from engine.devices import release_device_memory
-from engine.errors import EmberError, ModelLoadError
-from engine.registry import ModelEntry
-from engine.sources import resolve_source
+from engine.core.devices import release_device_memory
+from engine.core.errors import EmberError, ModelLoadError
+from engine.core.registry import ModelEntry
+from engine.core.sources import resolve_source
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
-from engine.errors import ModelLoadError, UnsupportedFeatureError
-from engine.sources import assemble, file_fingerprint
-from engine.tool_calls import detect_format, template_turns, tool_schemas
-from engine.types import ChatMessage, ToolSpec
+from engine.contracts.chat import ChatMessage, PrefillChunk, PromptInput, StepPlan, ToolSpec
+from engine.contracts.chat_templates import detect_format, template_turns, tool_schemas
+from engine.core.errors import ModelLoadError, UnsupportedFeatureError
+from engine.core.sources import assemble, file_fingerprint
 from models.base import ModelAdapter, thread_safe_encoder
 from models.chat_batching import KVBlock, concat_blocks, positions_from_mask, select_rows
 

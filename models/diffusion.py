@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
-from engine.images import MAX_GUIDANCE, MIN_SIDE, SIDE_MULTIPLE, decode_image
-from engine.sources import resolve_source
-from engine.types import ImageRequest
+from engine.contracts.images import MAX_GUIDANCE, MIN_SIDE, SIDE_MULTIPLE, ImageRequest
+from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
+from engine.core.image_codec import decode_image
+from engine.core.sources import resolve_source
 from models.base import ModelAdapter
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from engine.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
-from engine.sources import resolve_source
-from engine.types import EmbeddingRequest
+from engine.contracts.embeddings import EmbeddingRequest
+from engine.core.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
+from engine.core.sources import resolve_source
 from models.base import ModelAdapter, thread_safe_encoder
 
 

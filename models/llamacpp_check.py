@@ -59,7 +59,7 @@ def _library_files() -> list[Path]:
 
 
 def _cache_key(gguf_path: Path) -> str:
-    from engine.sources import file_fingerprint  # here: the child needs none of the engine
+    from engine.core.sources import file_fingerprint
 
     try:
         version = metadata.version("llama-cpp-python")

@@ -14,10 +14,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import InvalidRequestError, RequestCancelledError
+from engine.core.errors import InvalidRequestError, RequestCancelledError
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +24,6 @@ PROGRESS_LOG_S = 5.0
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 30.0
 DEFAULT_MAX_PROMPT_CHARS = 4000
-
-
-@dataclass(frozen=True)
-class MediaResult:
-    """An encoded file and what it holds (duration_s, fps, frames, width, height, format,
-    sample_rate, seed, ... as the task has them)."""
-
-    data: bytes
-    media_type: str
-    suffix: str  # file name suffix with its dot, e.g. ".mp4"
-    metadata: dict[str, Any]
 
 
 def prompt_param(params: Mapping[str, Any], options: Mapping[str, Any]) -> str:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import ContextLengthExceededError, ModelLoadError
-from engine.sources import resolve_source
-from engine.types import MODERATION_CATEGORIES
+from engine.contracts.ranking import MODERATION_CATEGORIES
+from engine.core.errors import ContextLengthExceededError, ModelLoadError
+from engine.core.sources import resolve_source
 from models.base import ModelAdapter
 from models.sequence import Encoded, EncoderInputs, token_limit
 

@@ -35,21 +35,15 @@ from transformers import (
 )
 from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor
 
-from engine.audio import MEDIA_TYPES, encode_audio
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.registry import ModelEntry
-from engine.sampling import SamplerState, choose_tokens
-from engine.sources import resolve_source
-from engine.types import Sampling
+from engine.contracts.chat import Sampling
+from engine.contracts.media import MediaResult
+from engine.core.audio_codec import MEDIA_TYPES, encode_audio
+from engine.core.errors import InvalidRequestError, ModelLoadError
+from engine.core.registry import ModelEntry
+from engine.core.sampling import SamplerState, choose_tokens
+from engine.core.sources import resolve_source
 from models.base import ModelAdapter
-from models.media import (
-    MAX_GUIDANCE,
-    MediaResult,
-    StepProgress,
-    number_param,
-    prompt_param,
-    seed_param,
-)
+from models.media import MAX_GUIDANCE, StepProgress, number_param, prompt_param, seed_param
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.sources import resolve_source
-from engine.types import SpeechRequest
+from engine.contracts.speech import SpeechRequest
+from engine.core.errors import InvalidRequestError, ModelLoadError
+from engine.core.sources import resolve_source
 from models.base import ModelAdapter
 
 # Silence after each sentence, as Piper's default `sentence_silence`.

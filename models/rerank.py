@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
-from engine.errors import ContextLengthExceededError, ModelLoadError
-from engine.sources import resolve_source
+from engine.core.errors import ContextLengthExceededError, ModelLoadError
+from engine.core.sources import resolve_source
 from models.base import ModelAdapter
 from models.embeddings import SentenceTransformerEmbeddings
 from models.sequence import Encoded, EncoderInputs, token_limit

@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from av.video.stream import VideoStream
 
-from engine.errors import EmberError, InvalidRequestError, ModelLoadError
-from engine.registry import ModelEntry
-from engine.sources import resolve_source
+from engine.contracts.media import MediaResult
+from engine.core.errors import EmberError, InvalidRequestError, ModelLoadError
+from engine.core.registry import ModelEntry
+from engine.core.sources import resolve_source
 from models.base import ModelAdapter
 from models.media import (
     MAX_GUIDANCE,
-    MediaResult,
     StepProgress,
     integer_param,
     number_param,

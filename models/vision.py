@@ -19,11 +19,17 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-from engine.chat_backend import PrefillChunk, PromptInput, StepPlan
-from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
-from engine.sources import resolve_source
-from engine.tool_calls import ROLE_FOR_TEMPLATE
-from engine.types import ChatMessage, ImageInput, ToolSpec
+from engine.contracts.chat import (
+    ChatMessage,
+    ImageInput,
+    PrefillChunk,
+    PromptInput,
+    StepPlan,
+    ToolSpec,
+)
+from engine.contracts.chat_templates import ROLE_FOR_TEMPLATE
+from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
+from engine.core.sources import resolve_source
 from models.chat import TransformersChat
 from models.chat_batching import KVBlock
 

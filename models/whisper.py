@@ -22,10 +22,10 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_compression_ratio
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-from engine.audio import decode_audio
-from engine.errors import InvalidRequestError, ModelLoadError
-from engine.sources import assemble
-from engine.types import TranscriptionRequest
+from engine.contracts.speech import TranscriptionRequest
+from engine.core.audio_codec import decode_audio
+from engine.core.errors import InvalidRequestError, ModelLoadError
+from engine.core.sources import assemble
 from models.base import ModelAdapter
 
 SAMPLE_RATE = 16_000

@@ -18,12 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import logs, metrics
-from engine.access import AccessPolicy
-from engine.errors import AuthenticationError, EmberError, PayloadTooLargeError
-from engine.limits import json_depth
+from engine.core import logs, metrics
+from engine.core.access import AccessPolicy
+from engine.core.errors import AuthenticationError, EmberError, PayloadTooLargeError
+from engine.core.limits import json_depth
+from engine.core.settings import Settings, load_settings
 from engine.service import Engine
-from engine.settings import Settings, load_settings
 from server.deps import KEY_HINT, presented_key
 from server.errors import JsonTooDeepError, envelope_for, install_error_handlers, log
 from server.infrai.routes import router as infrai_router

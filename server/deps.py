@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from engine.access import Caller, current_caller
-from engine.errors import AuthenticationError, PermissionDeniedError
+from engine.core.access import Caller, current_caller
+from engine.core.errors import AuthenticationError, PermissionDeniedError
 from engine.service import Engine
 
 # Dependencies are `async def`: FastAPI runs plain `def` ones on a thread pool, a thread hop per

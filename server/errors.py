@@ -13,13 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import logs
-from engine.errors import (
-    EmberError,
-    InvalidRequestError,
-    NotFoundError,
-    PayloadTooLargeError,
-)
+from engine.core import logs
+from engine.core.errors import EmberError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from server.infrai.errors import infrai_envelope
 from server.quantcdn.errors import quant_envelope
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import TypeVar
 
-from engine.errors import DeadlineExceededError, EmberError
+from engine.core.errors import DeadlineExceededError, EmberError
 
 T = TypeVar("T")
 

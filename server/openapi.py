@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import Field
 
-from engine.audio import MEDIA_TYPES
+from engine.core.audio_codec import MEDIA_TYPES
 from server.errors import Envelope, envelope_for, openai_envelope
 from server.infrai.errors import infrai_envelope
 from server.quantcdn.errors import quant_envelope

@@ -15,9 +15,9 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from engine.access import AccessPolicy
+from engine.core.access import AccessPolicy
+from engine.core.settings import Settings
 from engine.service import Engine
-from engine.settings import Settings
 
 log = logging.getLogger("ember.serve")
 

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
 
-from engine.access import current_caller
-from engine.errors import EmberError
+from engine.core.access import current_caller
+from engine.core.errors import EmberError
 from server.responses import dumps
 
 log = logging.getLogger("ember.http")

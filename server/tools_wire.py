@@ -8,8 +8,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.errors import InvalidRequestError
-from engine.types import OutputConstraint, ResponseFormat, ToolCall, ToolCallDelta, ToolSpec
+from engine.contracts.chat import (
+    OutputConstraint,
+    ResponseFormat,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+)
+from engine.core.errors import InvalidRequestError
 
 # What OpenAI allows in a function name.
 FUNCTION_NAME = r"^[A-Za-z0-9_.:-]+$"

@@ -13,7 +13,7 @@ import av
 import jiwer
 import numpy as np
 
-from engine.audio import decode_audio
+from engine.core.audio_codec import decode_audio
 
 # (format name, container, codec) of the files a client may upload.
 UPLOAD_FORMATS = [

@@ -17,8 +17,8 @@ import pytest
 import uvicorn
 import yaml
 
-from engine.registry import Registry
-from engine.settings import Settings
+from engine.core.registry import Registry
+from engine.core.settings import Settings
 from server.app import create_app
 from tests.tiny_models import (
     build_tiny_llama,
@@ -34,7 +34,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def llama_cpp_missing() -> str | None:
     """Why the llama.cpp backend cannot be tested here, or None."""
-    from engine.sources import package_dir
+    from engine.core.sources import package_dir
 
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed"

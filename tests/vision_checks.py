@@ -9,17 +9,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.chat_backend import PromptInput
-from engine.compute import ComputeThread
-from engine.scheduler import ChatScheduler
-from engine.types import (
+from engine.contracts.chat import (
     ChatMessage,
     GenerationEvent,
     GenerationRequest,
     ImageInput,
+    PromptInput,
     SamplingParams,
     TextDelta,
 )
+from engine.core.compute import ComputeThread
+from engine.generation.scheduler import ChatScheduler
 from models.chat import TransformersChat
 
 TOKENS = 8

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import logs
-from engine.errors import EmberError
+from engine.core import logs
+from engine.core.errors import EmberError
 
 RETRYABLE = (429, 503, 504)
 

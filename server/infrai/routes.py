@@ -9,25 +9,20 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from engine import chat_jobs, vision
-from engine.audio import MEDIA_TYPES
-from engine.cache import CachePolicy
-from engine.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
-from engine.fetch import AUDIO, decode_data_uri, fetch_media, vet_media_url
+from engine.contracts.chat import ChoiceFinished, TextDelta, ToolCallDelta, Usage
+from engine.contracts.embeddings import EmbeddingRequest
+from engine.contracts.images import ImageRequest
+from engine.contracts.speech import SpeechRequest, TranscriptionRequest
+from engine.core.audio_codec import MEDIA_TYPES
+from engine.core.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
+from engine.core.sources import resolve_source
+from engine.gateway.cache import CachePolicy
+from engine.generation import vision
+from engine.generation.tool_calls import join_deltas
+from engine.jobs import chat as chat_jobs
+from engine.media.fetch import AUDIO, decode_data_uri, fetch_media, vet_media_url
 from engine.service import Engine
-from engine.sources import resolve_source
-from engine.speech import encoded_speech, list_voices
-from engine.tool_calls import join_deltas
-from engine.types import (
-    ChoiceFinished,
-    EmbeddingRequest,
-    ImageRequest,
-    SpeechRequest,
-    TextDelta,
-    ToolCallDelta,
-    TranscriptionRequest,
-    Usage,
-)
+from engine.speech.service import encoded_speech, list_voices
 from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, file_url, require_api_key
 from server.gateway import deadline, renamed_params, within

@@ -6,19 +6,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from engine.cache import CachePolicy, digest
-from engine.errors import InvalidRequestError
-from engine.jobs import Job
-from engine.routing import Router
-from engine.types import (
+from engine.contracts.chat import (
     ChatMessage,
     GenerationRequest,
     GenerationResult,
     ImageInput,
     OutputConstraint,
     SamplingParams,
-    Transcription,
 )
+from engine.contracts.speech import Transcription
+from engine.core.errors import InvalidRequestError
+from engine.gateway.cache import CachePolicy, digest
+from engine.gateway.routing import Router
+from engine.jobs.runner import Job
 from server.infrai.schemas import Body, ChatIn, MediaRef, NamedToolChoice, VisionIn
 from server.tools_wire import history_calls, output_constraint, tool_calls_json
 

@@ -9,9 +9,14 @@ from fastapi import Request
 from pydantic import Field
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from engine.errors import InvalidRequestError
-from engine.speech import MAX_SPEECH_INPUT_CHARS, SPEED_RANGE
-from engine.types import SpeechRequest, Transcription, TranscriptionRequest, TranscriptSegment
+from engine.contracts.speech import (
+    SpeechRequest,
+    Transcription,
+    TranscriptionRequest,
+    TranscriptSegment,
+)
+from engine.core.errors import InvalidRequestError
+from engine.speech.service import MAX_SPEECH_INPUT_CHARS, SPEED_RANGE
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
 from server.openapi import NonEmpty, Published

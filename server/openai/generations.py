@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import Field
 
-from engine.errors import ConflictError
-from engine.images import MAX_GUIDANCE
-from engine.jobs import JOB_STATUSES, Job
-from engine.registry import Task
+from engine.contracts.images import MAX_GUIDANCE
+from engine.core.errors import ConflictError
+from engine.core.registry import Task
+from engine.jobs.runner import JOB_STATUSES, Job
 from server.deps import EngineDep, public_base_url, require_api_key
 from server.openai.schemas import WireModel
 from server.openapi import JSON_EXACT, NonBlank, Published

@@ -12,11 +12,10 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import Field
 
-from engine.errors import InvalidRequestError
-from engine.images import MAX_GUIDANCE
-from engine.registry import Registry
+from engine.contracts.images import MAX_GUIDANCE, ImageMode, ImageRequest, ImageResult
+from engine.core.errors import InvalidRequestError
+from engine.core.registry import Registry
 from engine.service import Engine
-from engine.types import ImageMode, ImageRequest, ImageResult
 from server.deps import file_url
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel

@@ -8,14 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
-from engine.errors import InvalidRequestError, UnsupportedFeatureError
-from engine.types import (
+from engine.contracts.ranking import (
     MODERATION_CATEGORIES,
     ModerationRequest,
     ModerationResult,
     RerankRequest,
     RerankResult,
 )
+from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
 from server.cancellation import cancel_on_disconnect
 from server.deps import EngineDep, require_api_key
 from server.openai.schemas import WireModel

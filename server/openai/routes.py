@@ -12,19 +12,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 
-from engine.audio import MEDIA_TYPES
-from engine.manager import ModelStatus
+from engine.contracts.chat import ChoiceFinished, GenerationEvent, TextDelta, ToolCallDelta, Usage
+from engine.contracts.speech import TranscriptionInfo, TranscriptSegment
+from engine.core.audio_codec import MEDIA_TYPES
+from engine.core.manager import ModelStatus
 from engine.service import Engine
-from engine.speech import encoded_speech, list_voices
-from engine.types import (
-    ChoiceFinished,
-    GenerationEvent,
-    TextDelta,
-    ToolCallDelta,
-    TranscriptionInfo,
-    TranscriptSegment,
-    Usage,
-)
+from engine.speech.service import encoded_speech, list_voices
 from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, require_api_key
 from server.errors import openai_envelope

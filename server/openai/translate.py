@@ -9,12 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InvalidRequestError, UnsupportedFeatureError
-from engine.types import (
+from engine.contracts.chat import (
     ChatMessage,
     Choice,
-    EmbeddingRequest,
-    EmbeddingResult,
     GenerationRequest,
     GenerationResult,
     ImageInput,
@@ -22,6 +19,8 @@ from engine.types import (
     SamplingParams,
     Usage,
 )
+from engine.contracts.embeddings import EmbeddingRequest, EmbeddingResult
+from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
 from server.openai.schemas import (
     ChatCompletionRequest,
     ChatMessageIn,

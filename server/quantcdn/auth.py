@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from engine.access import matching_index
-from engine.errors import AuthenticationError, PermissionDeniedError
+from engine.core.access import matching_index
+from engine.core.errors import AuthenticationError, PermissionDeniedError
 from server.deps import KEY_HINT, admit, presented_key
 
 

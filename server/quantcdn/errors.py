@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import logs
-from engine.errors import EmberError
+from engine.core import logs
+from engine.core.errors import EmberError
 
 
 def quant_envelope(error: EmberError) -> dict[str, Any]:

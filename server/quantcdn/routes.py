@@ -10,18 +10,18 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from engine.errors import InvalidRequestError, UnsupportedFeatureError
-from engine.tool_calls import join_deltas
-from engine.types import (
+from engine.contracts.chat import (
     ChoiceFinished,
-    EmbeddingRequest,
     GenerationEvent,
     GenerationRequest,
-    ImageRequest,
     TextDelta,
     ToolCallDelta,
     Usage,
 )
+from engine.contracts.embeddings import EmbeddingRequest
+from engine.contracts.images import ImageRequest
+from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.generation.tool_calls import join_deltas
 from models.embeddings import truncate_dimensions
 from server.cancellation import cancel_on_disconnect
 from server.deps import EngineDep

@@ -13,15 +13,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from engine.errors import InvalidRequestError, UnsupportedFeatureError
-from engine.images import decode_image
-from engine.types import (
+from engine.contracts.chat import (
     ChatMessage,
     GenerationRequest,
     GenerationResult,
     ImageInput,
-    ImageMode,
-    ImageRequest,
     OutputConstraint,
     ResponseFormat,
     SamplingParams,
@@ -29,6 +25,9 @@ from engine.types import (
     ToolSpec,
     Usage,
 )
+from engine.contracts.images import ImageMode, ImageRequest
+from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.core.image_codec import decode_image
 from server.quantcdn.schemas import ChatIn, ImageGenerationConfig, ImageGenerationIn
 
 IMAGE_FORMATS = ("png", "jpeg", "gif", "webp")

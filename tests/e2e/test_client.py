@@ -34,7 +34,7 @@ from ember.client import (
     ServiceUnavailableError,
     StreamChunk,
 )
-from engine.audio import decode_audio
+from engine.core.audio_codec import decode_audio
 from tests.audio_files import encode_file, espeak_wav, word_error_rate
 from tests.e2e.seed_000_examples import CANCEL_CONTINUATION, EXAMPLES, MODEL_IDS, ported
 from tests.e2e.test_serve import server  # noqa: F401  (starts this module's `ember serve`)

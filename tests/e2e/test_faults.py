@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.sources import package_dir
+from engine.core.sources import package_dir
 from tests.conftest import SMOLLM2_GGUF, packaged
 from tests.e2e.process import ember_serve
 

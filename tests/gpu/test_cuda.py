@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from engine.devices import resolve_device, resolve_dtype
-from engine.settings import Settings
+from engine.core.devices import resolve_device, resolve_dtype
+from engine.core.settings import Settings
 from tests.conftest import serve_in_process
 
 pytestmark = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.registry import ModelEntry
+from engine.core.registry import ModelEntry
 from engine.service import prompt_input
 from models.base import LoadContext
 from models.vision import VisionChat

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from engine.access import AccessPolicy, KeyFileError, hash_key
-from engine.settings import Settings
+from engine.core.access import AccessPolicy, KeyFileError, hash_key
+from engine.core.settings import Settings
 from server.app import create_app
 from server.serving import check_exposure, is_loopback
 from tests.conftest import serve_in_process, uvicorn_thread

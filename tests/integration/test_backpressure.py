@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.settings import Settings
-from engine.types import GenerationRequest, SamplingParams
+from engine.contracts.chat import GenerationRequest, SamplingParams
+from engine.core.settings import Settings
 from tests.conftest import serve_in_process
 
 ONE_AT_A_TIME = {"id": "tiny-chat", "limits": {"max_batch_size": 1, "max_queue": 1}}

@@ -8,7 +8,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
-from engine.types import ChoiceFinished, GenerationRequest, SamplingParams, TextDelta
+from engine.contracts.chat import ChoiceFinished, GenerationRequest, SamplingParams, TextDelta
 from tests.conftest import Served
 
 USER: list[ChatCompletionMessageParam] = [

@@ -22,7 +22,7 @@ from ember.client import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from engine.settings import Settings
+from engine.core.settings import Settings
 from tests.conftest import Served, serve_in_process
 
 FINISHED = ("completed", "failed", "cancelled")

@@ -20,7 +20,7 @@ import pytest
 from starlette.requests import Request
 from starlette.types import Message
 
-from engine.settings import Settings
+from engine.core.settings import Settings
 from server.cancellation import cancel_on_disconnect, unless_disconnected
 from tests.audio_files import encode_file
 from tests.conftest import Served, serve_in_process

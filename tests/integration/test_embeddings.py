@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from engine.settings import Settings
+from engine.core.settings import Settings
 from tests.conftest import Served, serve_in_process
 
 TEXTS = [

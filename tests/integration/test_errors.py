@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from engine.settings import Settings
+from engine.core.settings import Settings
 from tests.conftest import TINY_CONTEXT, Served, serve_in_process
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.registry import ModelEntry
+from engine.core.registry import ModelEntry
 from models.base import LoadContext
 from models.diffusion import DiffusionImages, ImageJob
 from tests.conftest import Served

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.audio import decode_audio
-from engine.settings import Settings
+from engine.core.audio_codec import decode_audio
+from engine.core.settings import Settings
 from tests.audio_files import encode_file, espeak_wav
 from tests.conftest import Served, serve_in_process
 

@@ -12,7 +12,7 @@ from typing import Any
 import av
 import pytest
 
-from engine.audio import decode_audio
+from engine.core.audio_codec import decode_audio
 from tests.conftest import Served
 
 FINISHED = ("completed", "failed", "cancelled")

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.settings import Settings
+from engine.core.settings import Settings
 from tests.conftest import Served, serve_in_process
 
 

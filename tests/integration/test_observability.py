@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.logs import JsonFormatter, RequestIdFilter
-from engine.settings import Settings
+from engine.core.logs import JsonFormatter, RequestIdFilter
+from engine.core.settings import Settings
 from server.app import create_app
 from tests.conftest import Served, serve_in_process, uvicorn_thread
 

@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from engine.settings import Settings
+from engine.core.settings import Settings
 from server.app import create_app
 from server.openapi import OPERATIONS
 from tests.conftest import Served

@@ -25,7 +25,7 @@ from quantcdn.models.chat_inference_request_messages_inner_content_one_of_inner 
     ChatInferenceRequestMessagesInnerContentOneOfInner as Block,
 )
 
-from engine.settings import Settings
+from engine.core.settings import Settings
 from server.app import create_app
 from tests.conftest import uvicorn_thread
 from tests.integration.test_infrai import png

@@ -9,8 +9,8 @@ from typing import Any
 import openai
 import pytest
 
-from engine.settings import Settings
-from engine.types import MODERATION_CATEGORIES
+from engine.contracts.ranking import MODERATION_CATEGORIES
+from engine.core.settings import Settings
 from tests.conftest import Served, serve_in_process
 
 QUERY = "What is the capital of France?"

@@ -13,8 +13,8 @@ import numpy as np
 import openai
 import pytest
 
-from engine.audio import decode_audio
-from engine.settings import Settings
+from engine.core.audio_codec import decode_audio
+from engine.core.settings import Settings
 from tests.audio_files import (
     UPLOAD_FORMATS,
     encode_file,

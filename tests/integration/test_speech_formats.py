@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from engine.audio import OUTPUT_RATE
+from engine.core.audio_codec import OUTPUT_RATE
 from tests.audio_files import seconds
 from tests.conftest import Served
 from tests.integration.test_jobs import submit, wait_for
@@ -185,7 +185,7 @@ async def test_unpronounceable_sentences_are_skipped_not_the_end_of_the_audio(
 def test_whole_clips_have_complete_headers_and_exact_lengths() -> None:
     """encode_audio (music jobs, benchmarks) writes whole files: WAV sizes, FLAC's sample
     count, and mp3's Xing/LAME frame, so libsndfile reads exactly the samples put in."""
-    from engine.audio import encode_audio
+    from engine.core.audio_codec import encode_audio
 
     tone = (0.2 * np.sin(np.linspace(0, 3000, 32_000 * 2))).astype(np.float32)
     for fmt in ("wav", "flac", "mp3"):

@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from engine import fetch
-from engine.settings import Settings
+from engine.core.settings import Settings
+from engine.media import fetch
 from tests.conftest import Served, http_server_thread, serve_in_process
 
 PUBLIC_HOST = "public.test"  # stands in for a public host: see `public_host`

@@ -15,7 +15,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionMessageParam
 
 from benchmarks.structured import PERSON, SCHEMAS, SCORES, TOOLS, WEATHER
-from engine.sources import package_dir
+from engine.core.sources import package_dir
 from tests.conftest import Served, llama_cpp_missing
 
 USER: list[ChatCompletionMessageParam] = [

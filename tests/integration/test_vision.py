@@ -15,8 +15,8 @@ import openai
 import pytest
 from PIL import Image
 
+from engine.core.settings import Settings
 from engine.service import prompt_input
-from engine.settings import Settings
 from tests.conftest import Served, http_server_thread, serve_in_process
 from tests.vision_checks import generate_greedy, image_request
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.artifacts import ArtifactStore
-from engine.errors import NotFoundError
+from engine.core.errors import NotFoundError
+from engine.media.artifacts import ArtifactStore
 
 
 def test_put_then_get_and_ids_are_random(tmp_path: Path) -> None:

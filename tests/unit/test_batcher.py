@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from engine.batcher import Batcher
-from engine.compute import ComputeThread
-from engine.errors import DeadlineExceededError, ModelExecutionError, OverloadedError
+from engine.core.batcher import Batcher
+from engine.core.compute import ComputeThread
+from engine.core.errors import DeadlineExceededError, ModelExecutionError, OverloadedError
 
 COMPUTE = ComputeThread("test-compute")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.sampling import CANDIDATES, SamplerState, apply_penalties, choose_tokens
-from engine.text_stream import IncrementalDetokenizer, StopStringMatcher
-from engine.types import Sampling, SamplingParams
+from engine.contracts.chat import Sampling, SamplingParams
+from engine.core.sampling import CANDIDATES, SamplerState, apply_penalties, choose_tokens
+from engine.generation.text_stream import IncrementalDetokenizer, StopStringMatcher
 from tests.tiny_models import build_tokenizer
 
 

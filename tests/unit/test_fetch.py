@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import (
+from engine.contracts.chat import ChatMessage, GenerationRequest, ImageInput, SamplingParams
+from engine.core.errors import (
     InvalidRequestError,
     ModelUnavailableError,
     UnsupportedFeatureError,
     WrongTaskError,
 )
-from engine.fetch import AUDIO, address_refusal, decode_data_uri, fetch_image, vet_media_url
-from engine.registry import ModelEntry, Registry
-from engine.settings import Settings
-from engine.sources import is_installed
-from engine.types import ChatMessage, GenerationRequest, ImageInput, SamplingParams
-from engine.vision import chat_entry
+from engine.core.registry import ModelEntry, Registry
+from engine.core.settings import Settings
+from engine.core.sources import is_installed
+from engine.generation.vision import chat_entry
+from engine.media.fetch import AUDIO, address_refusal, decode_data_uri, fetch_image, vet_media_url
 
 PARAM = "messages[0].content[1].image_url.url"
 

@@ -14,15 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from engine import chat_jobs
-from engine.cache import IdempotencyStore, ResponseCache, TTLStore
-from engine.errors import ConflictError, InvalidRequestError, RequestCancelledError
-from engine.jobs import _until_cancelled
-from engine.manager import ModelManager, ModelState
-from engine.registry import ModelEntry, Registry
-from engine.routing import Router, RouteTable
-from engine.settings import Settings
-from engine.types import (
+from engine.contracts.chat import (
     ChatMessage,
     Choice,
     GenerationRequest,
@@ -31,6 +23,14 @@ from engine.types import (
     TextDelta,
     Usage,
 )
+from engine.core.errors import ConflictError, InvalidRequestError, RequestCancelledError
+from engine.core.manager import ModelManager, ModelState
+from engine.core.registry import ModelEntry, Registry
+from engine.core.settings import Settings
+from engine.gateway.cache import IdempotencyStore, ResponseCache, TTLStore
+from engine.gateway.routing import Router, RouteTable
+from engine.jobs import chat as chat_jobs
+from engine.jobs.runner import _until_cancelled
 from server.quantcdn import translate as quant
 from server.quantcdn.schemas import ImageGenerationIn
 
@@ -150,7 +150,7 @@ async def test_cached_streams_replay_and_record(router: Router) -> None:
     cache = ResponseCache(router.registry, ttl_s=60, max_entries=8)
 
     async def stream(req: GenerationRequest) -> Any:
-        from engine.types import ChoiceFinished
+        from engine.contracts.chat import ChoiceFinished
 
         yield TextDelta(0, "Hel")
         yield TextDelta(0, "lo")

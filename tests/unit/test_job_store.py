@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ConflictError, NotFoundError
-from engine.jobs import JobStore
+from engine.core.errors import ConflictError, NotFoundError
+from engine.jobs.runner import JobStore
 
 
 def test_jobs_are_claimed_first_in_first_out_skipping_busy_models(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from engine.errors import ConflictError, ModelLoadError, ModelUnavailableError
-from engine.manager import ModelManager
-from engine.registry import ModelEntry, Registry
-from engine.settings import Settings
+from engine.core.errors import ConflictError, ModelLoadError, ModelUnavailableError
+from engine.core.manager import ModelManager
+from engine.core.registry import ModelEntry, Registry
+from engine.core.settings import Settings
 from models.base import LoadContext, ModelAdapter
 
 MB = 2**20

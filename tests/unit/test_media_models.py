@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.audio import decode_audio
-from engine.errors import (
+from engine.contracts.media import MediaResult
+from engine.core.audio_codec import decode_audio
+from engine.core.errors import (
     InvalidRequestError,
     ModelLoadError,
     ModelUnavailableError,
     RequestCancelledError,
 )
-from engine.registry import ModelEntry, Registry
+from engine.core.registry import ModelEntry, Registry
 from models.base import LoadContext
-from models.media import MediaResult
 from models.music import MusicGen
 from models.video import TextToVideo, encode_mp4
 from tests.tiny_models import build_tiny_musicgen, build_tiny_text_to_video

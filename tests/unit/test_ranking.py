@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.batcher import Batcher
-from engine.compute import ComputeThread
-from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
-from engine.ranking import verdict
-from engine.registry import ModelEntry, Registry
-from engine.settings import Settings
-from engine.types import MODERATION_CATEGORIES
+from engine.contracts.ranking import MODERATION_CATEGORIES
+from engine.core.batcher import Batcher
+from engine.core.compute import ComputeThread
+from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
+from engine.core.registry import ModelEntry, Registry
+from engine.core.settings import Settings
+from engine.ranking.service import verdict
 from models.base import LoadContext
 from models.moderation import DEFAULT_THRESHOLD, ModerationAdapter, load_trusted_joblib
 from server.openai.retrieval import document_texts, moderation_texts

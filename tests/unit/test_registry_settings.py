@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InvalidRequestError, ModelNotFoundError, WrongTaskError
-from engine.registry import ModelEntry, Registry
-from engine.settings import Settings, load_settings
+from engine.core.errors import InvalidRequestError, ModelNotFoundError, WrongTaskError
+from engine.core.registry import ModelEntry, Registry
+from engine.core.settings import Settings, load_settings
 
 
 def test_packaged_registry_resolves_ids_and_openai_aliases() -> None:
@@ -93,7 +93,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_json_depth_counts_nesting_outside_strings() -> None:
-    from engine.limits import json_depth
+    from engine.core.limits import json_depth
 
     assert json_depth(b'{"a": 1}') == 1
     assert json_depth(b'{"a": [[1], {"b": [2]}]}') == 4

@@ -34,10 +34,23 @@ import llguidance
 import numpy as np
 import pytest
 
-import engine.scheduler as scheduler_module
-from engine.chat_backend import ChatBackend, DecodeToken, PromptInput, StepPlan
-from engine.compute import ComputeThread
-from engine.errors import (
+import engine.generation.scheduler as scheduler_module
+from engine.contracts.chat import (
+    ChatBackend,
+    ChatMessage,
+    ChoiceFinished,
+    DecodeToken,
+    FinishReason,
+    GenerationEvent,
+    PromptInput,
+    SamplingParams,
+    StepPlan,
+    TextDelta,
+    ToolSpec,
+    Usage,
+)
+from engine.core.compute import ComputeThread
+from engine.core.errors import (
     ContextLengthExceededError,
     DeadlineExceededError,
     InvalidRequestError,
@@ -45,18 +58,8 @@ from engine.errors import (
     ModelOutOfMemoryError,
     OverloadedError,
 )
-from engine.sampling import SamplerState
-from engine.scheduler import ChatScheduler
-from engine.types import (
-    ChatMessage,
-    ChoiceFinished,
-    FinishReason,
-    GenerationEvent,
-    SamplingParams,
-    TextDelta,
-    ToolSpec,
-    Usage,
-)
+from engine.core.sampling import SamplerState
+from engine.generation.scheduler import ChatScheduler
 
 # -- the fake model ----------------------------------------------------------------------------
 
@@ -500,7 +503,7 @@ def test_the_fake_backend_is_a_chat_backend_and_polices_the_contract() -> None:
 
 
 def test_the_scheduler_module_imports_no_torch() -> None:
-    code = ("import sys, engine.scheduler, tests.unit.test_scheduler; "
+    code = ("import sys, engine.generation.scheduler, tests.unit.test_scheduler; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
             "sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))")
     root = Path(__file__).resolve().parents[2]
@@ -1011,7 +1014,7 @@ def test_a_failing_step_says_which_model_failed() -> None:
 def test_out_of_memory_is_a_503_and_the_retries_run_in_smaller_batches(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("engine.scheduler.RECOVERY_STEPS", 5)
+    monkeypatch.setattr("engine.generation.scheduler.RECOVERY_STEPS", 5)
     backend = FakeBackend()
     backend.fail_calls, backend.fail_with = {1}, MemoryError
     scheduler = make(backend)

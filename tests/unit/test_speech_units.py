@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audio import AudioEncoder, decode_audio, encode_audio
-from engine.errors import InvalidRequestError, ModelUnavailableError
-from engine.registry import ModelEntry
-from engine.sources import assemble
-from engine.types import TranscriptSegment
+from engine.contracts.speech import TranscriptSegment
+from engine.core.audio_codec import AudioEncoder, decode_audio, encode_audio
+from engine.core.errors import InvalidRequestError, ModelUnavailableError
+from engine.core.registry import ModelEntry
+from engine.core.sources import assemble
 from models.piper import phoneme_ids, split_sentences
 from models.whisper import split_windows
 from server.openai.audio import to_srt, to_vtt

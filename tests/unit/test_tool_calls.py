@@ -10,19 +10,18 @@ from typing import Any
 import llguidance
 import pytest
 
-from engine.structured import MAX_CALLS, tool_call_grammar
-from engine.tool_calls import (
+from engine.contracts.chat import ChatMessage, ToolCall, ToolCallDelta, ToolSpec
+from engine.contracts.chat_templates import (
     FALLBACK,
     HERMES,
     LLAMA3_JSON,
-    ToolCallParser,
     ToolFormat,
     call_text,
     detect_format,
-    join_deltas,
     template_turns,
 )
-from engine.types import ChatMessage, ToolCall, ToolCallDelta, ToolSpec
+from engine.generation.structured import MAX_CALLS, tool_call_grammar
+from engine.generation.tool_calls import ToolCallParser, join_deltas
 
 WEATHER = ToolSpec("get_weather", "Weather in a city.", {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],

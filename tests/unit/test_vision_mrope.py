@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from engine.chat_backend import PromptInput
-from engine.compute import ComputeThread
-from engine.errors import ModelExecutionError
-from engine.registry import ModelEntry
-from engine.scheduler import ChatScheduler
-from engine.types import SamplingParams
+from engine.contracts.chat import PromptInput, SamplingParams
+from engine.core.compute import ComputeThread
+from engine.core.errors import ModelExecutionError
+from engine.core.registry import ModelEntry
+from engine.generation.scheduler import ChatScheduler
 from models.base import LoadContext
 from models.vision import VisionChat
 from tests.tiny_models import tiny_qwen2_vl

@@ -1,0 +1,55 @@
+"""Image generation: request and result types, the limits every image model shares, and the
+contract an image model implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_IMAGES = 10  # OpenAI's limit on `n`
+# What every image model of ember takes, whatever its own limits: latent diffusion works on an
+# 8-pixel grid, from 64 pixels a side; seeds are torch's 64-bit generator seeds.
+SIDE_MULTIPLE = 8
+MIN_SIDE = 64
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 30.0
+
+ImageMode = Literal["generate", "edit", "variation"]
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """Text to image, or (with `image`) image to image; `mask` marks where to repaint
+    (transparent pixels, as OpenAI's edits). None means the model's own default."""
+
+    model: str
+    prompt: str
+    mode: ImageMode = "generate"
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    quality: str = "auto"
+    strength: float | None = None
+    image: bytes | None = None
+    mask: bytes | None = None
+    output_format: str = "png"
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    data: bytes  # encoded in the requested format
+    media_type: str
+    suffix: str
+    seed: int
+
+
+@dataclass
+class ImageResult:
+    prompt: str
+    images: list[GeneratedImage]
+
+

@@ -1,0 +1,1 @@
+"""Embeddings: vectors for texts or token ids, batched across requests."""

@@ -1,0 +1,1 @@
+"""Image generation: text to image, edits and variations."""

@@ -1,0 +1,1 @@
+"""Rerank and moderation."""

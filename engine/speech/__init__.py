@@ -1,0 +1,1 @@
+"""Speech: transcription, translation and text to speech."""

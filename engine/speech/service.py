@@ -1,0 +1,210 @@
+"""Speech: the one implementation of transcription, translation and text to speech that every
+dialect calls. Decoding, windowing and phonemizing run on worker threads; models run on the
+compute thread through each model's `Batcher`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.contracts.speech import (
+    SpeechChunk,
+    SpeechRequest,
+    Transcription,
+    TranscriptionInfo,
+    TranscriptionRequest,
+    TranscriptSegment,
+    WordTiming,
+)
+from engine.core import metrics
+from engine.core.audio_codec import AudioEncoder
+from engine.core.errors import InvalidRequestError
+from engine.core.manager import ModelManager
+from engine.core.registry import Registry
+from engine.core.settings import Settings
+
+MAX_SPEECH_INPUT_CHARS = 4096  # OpenAI's limit on `input`
+SPEED_RANGE = (0.25, 4.0)
+
+
+def _segments(result: object, first_id: int) -> list[TranscriptSegment]:
+    segments = []
+    for number, raw in enumerate(getattr(result, "segments", []), start=first_id):
+        words = [
+            WordTiming(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
+            for w in raw.get("words", [])
+        ]
+        segments.append(TranscriptSegment(
+            id=number, seek=raw["seek"], start=round(float(raw["start"]), 3),
+            end=round(float(raw["end"]), 3), text=raw["text"], tokens=list(raw["tokens"]),
+            temperature=raw["temperature"], avg_logprob=float(raw["avg_logprob"]),
+            compression_ratio=float(raw["compression_ratio"]),
+            no_speech_prob=float(raw["no_speech_prob"]), words=words,
+        ))
+    return segments
+
+
+async def _decoded(
+    runner: Any, adapter: Any, prepared: Any, window: Any, result: Any
+) -> AsyncIterator[Any]:
+    """A window's result, then what Whisper left undecoded in it: when the model stops before
+    the window's end, the rest is decoded again from its last timestamp, as sequential
+    Whisper does, until the window is covered (each pass must move on by a second)."""
+    yield result
+    window_end = window.offset + window.duration
+    resume_at = result.resume_at
+    while resume_at is not None:
+        rest = adapter.window_between(prepared, resume_at, window_end, result.language)
+        result = (await runner.submit_many([rest]))[0]
+        yield result
+        moved_on = result.resume_at is not None and result.resume_at >= resume_at + 1.0
+        resume_at = result.resume_at if moved_on else None
+
+
+async def transcribe_stream(
+    manager: ModelManager, settings: Settings, request: TranscriptionRequest
+) -> AsyncIterator[TranscriptSegment | TranscriptionInfo]:
+    """Segments as their windows are decoded, then one `TranscriptionInfo`.
+
+    When the language is not given, the first window is decoded alone and its detected
+    language is used for the rest, so a whole file is in one language."""
+    async with manager.lease(request.model, "stt") as slot:
+        adapter, runner = slot.adapter, slot.runner
+        # prepare checks the parameters first, then decodes (a bad one costs no decoding)
+        prepared = await asyncio.to_thread(adapter.prepare, request, settings.max_audio_seconds)
+        windows = prepared.windows
+        language = request.language or ("en" if not adapter.multilingual else None)
+        next_id = 0
+        if windows and language is None:
+            first = (await runner.submit_many(windows[:1]))[0]
+            language = first.language
+            async for result in _decoded(runner, adapter, prepared, windows[0], first):
+                for segment in _segments(result, next_id):
+                    next_id += 1
+                    yield segment
+            windows = [replace(window, language=language) for window in windows[1:]]
+        index = 0
+        # aclosing: a reader that stops early withdraws the queued windows now, not at GC.
+        async with contextlib.aclosing(runner.stream(windows)) as stream:
+            async for decoded in stream:
+                language = language or decoded.language
+                async for result in _decoded(runner, adapter, prepared, windows[index],
+                                             decoded):
+                    for segment in _segments(result, next_id):
+                        next_id += 1
+                        yield segment
+                index += 1
+        metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(prepared.duration)
+        yield TranscriptionInfo(language=language or "en", duration=prepared.duration)
+
+
+async def transcribe(
+    manager: ModelManager, settings: Settings, request: TranscriptionRequest
+) -> Transcription:
+    segments: list[TranscriptSegment] = []
+    info = TranscriptionInfo("en", 0.0)
+    async for event in transcribe_stream(manager, settings, request):
+        if isinstance(event, TranscriptSegment):
+            segments.append(event)
+        else:
+            info = event
+    return Transcription(request.task, info.language, info.duration, segments)
+
+
+def check_speech(request: SpeechRequest) -> None:
+    if not request.text.strip():
+        raise InvalidRequestError("input must not be empty", param="input")
+    if len(request.text) > MAX_SPEECH_INPUT_CHARS:
+        raise InvalidRequestError(
+            f"input has {len(request.text)} characters; at most {MAX_SPEECH_INPUT_CHARS} are "
+            "allowed", param="input",
+        )
+    low, high = SPEED_RANGE
+    if not low <= request.speed <= high:
+        raise InvalidRequestError(
+            f"speed must be between {low} and {high}; got {request.speed}", param="speed"
+        )
+
+
+async def speak(manager: ModelManager, request: SpeechRequest) -> AsyncIterator[SpeechChunk]:
+    """Audio a sentence at a time, in order, as each is synthesized. The first sentence with
+    something to pronounce is phonemized and queued alone, so its audio is on the way while
+    espeak-ng works through the rest. Sentences with nothing to pronounce ("...") are skipped;
+    input with nothing at all to pronounce is a 400 before any audio exists."""
+    check_speech(request)
+    async with manager.lease(request.model, "tts") as slot:
+        adapter, runner = slot.adapter, slot.runner
+        sentences = adapter.sentences(request)
+        first: list[Any] = []
+        taken = 0
+        while not first and taken < len(sentences):
+            first = await asyncio.to_thread(adapter.prepare, request, sentences[taken:taken + 1])
+            taken += 1
+        if not first:
+            raise InvalidRequestError(
+                "input has nothing to pronounce (only punctuation or symbols the voice cannot "
+                "say)", param="input",
+            )
+        rest = asyncio.create_task(
+            asyncio.to_thread(adapter.prepare, request, sentences[taken:])
+        )
+        try:
+            for batch in (first, None):
+                utterances = batch if batch is not None else await rest
+                if not utterances:
+                    continue
+                async with contextlib.aclosing(runner.stream(utterances)) as stream:
+                    async for samples in stream:
+                        seconds = len(samples) / adapter.sample_rate
+                        metrics.AUDIO_SECONDS.labels(slot.entry.id).inc(seconds)
+                        yield SpeechChunk(samples, adapter.sample_rate)
+        finally:
+            rest.cancel()
+
+
+async def encoded_speech(
+    chunks: AsyncIterator[SpeechChunk], fmt: str, *, streaming: bool = True
+) -> AsyncIterator[bytes]:
+    """Synthesized speech in `fmt`, each sentence encoded as it arrives (on a worker thread: an
+    encoder call costs milliseconds), so the first bytes leave before the last sentence is
+    synthesized (FLAC excepted: its header holds the length, so it comes whole at the end).
+    `streaming=False`, for a caller that joins the parts into one file anyway, completes every
+    header (WAV sizes, mp3's Xing frame). Closing this closes `chunks`, which stops the
+    synthesis."""
+    encoder: AudioEncoder | None = None
+    async with aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            encoder = encoder or AudioEncoder(fmt, chunk.sample_rate, streaming=streaming)
+            if data := await asyncio.to_thread(encoder.encode, chunk.samples):
+                yield data
+    if encoder is not None and (data := await asyncio.to_thread(encoder.finish)):
+        yield data
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    id: str
+    model: str
+    language: str | None
+    aliases: list[str] = field(default_factory=list)
+    object: str = "voice"
+
+
+def list_voices(registry: Registry) -> list[VoiceInfo]:
+    """Voices are registry data (`options.voices`, `options.voice_aliases` of tts entries), so
+    listing them loads no model."""
+    found = []
+    for entry in registry.entries():
+        if entry.task != "tts":
+            continue
+        aliases: dict[str, str] = entry.options.get("voice_aliases", {})
+        for name, voice in entry.options.get("voices", {}).items():
+            found.append(VoiceInfo(
+                id=name, model=entry.id, language=(voice or {}).get("language"),
+                aliases=sorted(a for a, target in aliases.items() if target == name),
+            ))
+    return found
