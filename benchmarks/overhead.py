@@ -39,11 +39,11 @@ import transformers
 from sentence_transformers import SentenceTransformer
 from transformers.generation.streamers import BaseStreamer
 
+from engine.contracts.base import LoadContext
 from engine.core.devices import resolve_device, resolve_dtype
 from engine.core.registry import Registry
 from engine.core.settings import Settings, load_settings
 from engine.core.sources import resolve_source
-from models.base import LoadContext
 from models.chat import TransformersChat
 
 CHAT_MODEL = "smollm2-135m-instruct"

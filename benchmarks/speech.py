@@ -53,12 +53,12 @@ from benchmarks.overhead import (
     wait_until_ready,
     write_report,
 )
+from engine.contracts.base import LoadContext
 from engine.contracts.speech import SpeechRequest
 from engine.core.audio_codec import OUTPUT_RATE, decode_audio, encode_audio
 from engine.core.registry import Registry
 from engine.core.settings import Settings, load_settings
 from engine.core.sources import assemble
-from models.base import LoadContext
 from models.piper import PiperVoice
 
 STT_MODEL = "whisper-base"

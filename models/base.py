@@ -8,32 +8,18 @@ import gc
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
+from engine.contracts.base import AdapterOptions, LoadContext
 from engine.core.devices import release_device_memory
 from engine.core.errors import EmberError, ModelLoadError
 from engine.core.registry import ModelEntry
 from engine.core.sources import resolve_source
-
-
-@dataclass(frozen=True)
-class LoadContext:
-    """What the engine decided for this load: where, in which precision, and where to cache."""
-
-    device: str
-    dtype: torch.dtype
-    models_dir: Path
-    # Chat backends: KV tokens summed over every sequence, sequences at once, CPU threads
-    # (0 = every core). From the entry's limits and the settings.
-    kv_cache_tokens: int = 32768
-    max_sequences: int = 32
-    threads: int = 0
 
 
 def thread_safe_encoder(tokenizer: Any) -> Tokenizer:
@@ -113,14 +99,17 @@ def _explaining_corrupt_weights(load: Callable[[Any], None]) -> Callable[[Any], 
 
 
 class ModelAdapter:
-    """Base adapter. Subclasses set `self.model` in `load` and add their task's call. A
-    safetensors file that fails to load (corrupt, truncated) is a ModelLoadError naming the
-    model and the file, whichever adapter read it."""
+    """Base adapter, a `Backend` (engine/contracts/base.py). Subclasses set `self.model` in
+    `load`, add their task's call and name their `options_model`. A safetensors file that
+    fails to load (corrupt, truncated) is a ModelLoadError naming the model and the file,
+    whichever adapter read it."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "load" in cls.__dict__:
             cls.load = _explaining_corrupt_weights(cls.__dict__["load"])  # type: ignore[assignment]
+
+    options_model: ClassVar[type[AdapterOptions]] = AdapterOptions
 
     def __init__(self, entry: ModelEntry, context: LoadContext):
         self.entry = entry

@@ -31,12 +31,13 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from engine.contracts.base import LoadContext
 from engine.contracts.chat import ChatMessage, PrefillChunk, PromptInput, StepPlan, ToolSpec
 from engine.contracts.chat_templates import detect_format, template_turns, tool_schemas
 from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.core.registry import ModelEntry
 from engine.core.sources import gguf_path
-from models.base import LoadContext, ModelAdapter
+from models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+from engine.contracts.base import BatchBackend
 
 
 @dataclass
@@ -24,3 +26,11 @@ class EmbeddingResult:
     prompt_tokens: int
 
 
+@runtime_checkable
+class Embedder(BatchBackend, Protocol):
+    """Texts or token ids to L2-normalized vectors. `tokenize` runs on the request path (it
+    raises a 400 for an input over the model's context); `batch` embeds token-id lists."""
+
+    def tokenize(self, request: EmbeddingRequest) -> list[list[int]]: ...
+
+    def check_dimensions(self, dimensions: int | None) -> None: ...

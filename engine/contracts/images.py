@@ -4,7 +4,9 @@ contract an image model implements."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from engine.contracts.base import BatchBackend
 
 MAX_IMAGES = 10  # OpenAI's limit on `n`
 # What every image model of ember takes, whatever its own limits: latent diffusion works on an
@@ -53,3 +55,9 @@ class ImageResult:
     images: list[GeneratedImage]
 
 
+@runtime_checkable
+class ImageGenerator(BatchBackend, Protocol):
+    """`prepare` checks the request against the model's own limits and returns one job per
+    image (each with its `seed` and a `cancelled` event); `batch` runs jobs to PIL images."""
+
+    def prepare(self, request: ImageRequest) -> list[Any]: ...

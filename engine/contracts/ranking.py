@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from engine.contracts.base import BatchBackend
 
 # OpenAI's moderation categories. Every result carries all of them; a category the model does
 # not cover scores 0.0 and is never flagged.
@@ -56,3 +59,22 @@ class ModerationVerdict:
 class ModerationResult:
     model: str  # the name the caller sent, or the default model's id
     results: list[ModerationVerdict]
+
+
+@runtime_checkable
+class Reranker(BatchBackend, Protocol):
+    """A query against documents: `prepare` encodes one item per document on the request
+    path; `relevance` turns the batched outputs into scores in [0, 1]."""
+
+    def prepare(self, query: str, documents: list[str]) -> list[Any]: ...
+
+    def relevance(self, outputs: list[Any]) -> list[float]: ...
+
+
+@runtime_checkable
+class Moderator(BatchBackend, Protocol):
+    """Texts to scores per OpenAI category it covers; `thresholds` flag them."""
+
+    thresholds: dict[str, float]
+
+    def prepare(self, texts: list[str]) -> list[Any]: ...

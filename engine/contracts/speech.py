@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from engine.contracts.base import BatchBackend
 
 SpeechTask = Literal["transcribe", "translate"]
 
@@ -83,3 +85,25 @@ class SpeechChunk:
     sample_rate: int
 
 
+@runtime_checkable
+class Transcriber(BatchBackend, Protocol):
+    """Audio to text, window by window. `prepare` checks the request and decodes the audio into
+    windows (on a worker thread); `batch` decodes windows of any requests together."""
+
+    multilingual: bool
+
+    def prepare(self, request: TranscriptionRequest, max_seconds: float) -> Any: ...
+
+    def window_between(self, prepared: Any, start: float, end: float,
+                       language: str | None) -> Any: ...
+
+
+@runtime_checkable
+class Synthesizer(BatchBackend, Protocol):
+    """Text to float32 samples at `sample_rate`, a sentence at a time."""
+
+    sample_rate: int
+
+    def sentences(self, request: SpeechRequest) -> list[str]: ...
+
+    def prepare(self, request: SpeechRequest, sentences: list[str] | None = None) -> list[Any]: ...

@@ -1,1 +1,2 @@
-"""What the gateway dialects add on top of the capabilities: routing by task and preference, the response cache, idempotency keys."""
+"""What the gateway dialects add on top of the capabilities: routing by task and preference,
+the response cache, idempotency keys."""

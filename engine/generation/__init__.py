@@ -1,1 +1,2 @@
-"""Chat and completions: the continuous-batching scheduler, sampling defaults, structured output, tool calls, image inputs."""
+"""Chat and completions: the continuous-batching scheduler, sampling defaults, structured
+output, tool calls, image inputs."""

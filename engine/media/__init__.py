@@ -1,1 +1,2 @@
-"""Media from and to the outside: the URL fetcher (SSRF-checked) and the store of generated files."""
+"""Media from and to the outside: the URL fetcher (SSRF-checked) and the store of generated
+files."""

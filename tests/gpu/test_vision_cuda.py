@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.contracts.base import LoadContext
 from engine.core.registry import ModelEntry
 from engine.service import prompt_input
-from models.base import LoadContext
 from models.vision import VisionChat
 from tests.tiny_models import build_tiny_llava, build_tiny_qwen2_vl, build_tiny_smolvlm
 from tests.vision_checks import generate_greedy, image_request, serve_greedy

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.contracts.base import LoadContext
 from engine.core.registry import ModelEntry
-from models.base import LoadContext
 from models.diffusion import DiffusionImages, ImageJob
 from tests.conftest import Served
 

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from engine.contracts.base import LoadContext
 from engine.contracts.chat import ChatMessage, DecodeToken, PrefillChunk, StepPlan
 from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.core.registry import ModelEntry
 from engine.core.sources import package_dir
-from models.base import LoadContext
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

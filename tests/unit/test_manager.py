@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
+from engine.contracts.base import LoadContext
 from engine.core.errors import ConflictError, ModelLoadError, ModelUnavailableError
 from engine.core.manager import ModelManager
 from engine.core.registry import ModelEntry, Registry
 from engine.core.settings import Settings
-from models.base import LoadContext, ModelAdapter
+from models.base import ModelAdapter
 
 MB = 2**20
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.contracts.base import LoadContext
 from engine.contracts.media import MediaResult
 from engine.core.audio_codec import decode_audio
 from engine.core.errors import (
@@ -25,7 +26,6 @@ from engine.core.errors import (
     RequestCancelledError,
 )
 from engine.core.registry import ModelEntry, Registry
-from models.base import LoadContext
 from models.music import MusicGen
 from models.video import TextToVideo, encode_mp4
 from tests.tiny_models import build_tiny_musicgen, build_tiny_text_to_video

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.contracts.base import LoadContext
 from engine.contracts.ranking import MODERATION_CATEGORIES
 from engine.core.batcher import Batcher
 from engine.core.compute import ComputeThread
@@ -20,7 +21,6 @@ from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedF
 from engine.core.registry import ModelEntry, Registry
 from engine.core.settings import Settings
 from engine.ranking.service import verdict
-from models.base import LoadContext
 from models.moderation import DEFAULT_THRESHOLD, ModerationAdapter, load_trusted_joblib
 from server.openai.retrieval import document_texts, moderation_texts
 

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from engine.contracts.base import LoadContext
 from engine.contracts.chat import PromptInput, SamplingParams
 from engine.core.compute import ComputeThread
 from engine.core.errors import ModelExecutionError
 from engine.core.registry import ModelEntry
 from engine.generation.scheduler import ChatScheduler
-from models.base import LoadContext
 from models.vision import VisionChat
 from tests.tiny_models import tiny_qwen2_vl
 from tests.vision_checks import TOKENS, generate_greedy, serve_greedy
