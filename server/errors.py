@@ -15,8 +15,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.core import logs
 from engine.core.errors import EmberError, InvalidRequestError, NotFoundError, PayloadTooLargeError
-from server.infrai.errors import infrai_envelope
-from server.quantcdn.errors import quant_envelope
 
 log = logging.getLogger("ember.http")
 
@@ -39,12 +37,19 @@ def openai_envelope(error: EmberError) -> dict[str, Any]:
     }
 
 
-# Path prefix → envelope; later dialects register theirs here. Longest prefix wins.
-ENVELOPES: dict[str, Envelope] = {
-    "/": openai_envelope,
-    "/v1/ai/": infrai_envelope,
-    "/api/v3/organizations/": quant_envelope,
-}
+# Path prefix → envelope: OpenAI's is the default, each other dialect registers its own when
+# imported (register_envelope). Longest prefix wins.
+ENVELOPES: dict[str, Envelope] = {"/": openai_envelope}
+# Envelope → (component name, JSON schema) of a registered dialect, for the published document.
+ENVELOPE_SCHEMAS: dict[Envelope, tuple[str, dict[str, Any]]] = {}
+
+
+def register_envelope(path_prefix: str, envelope: Envelope, schema_name: str,
+                      schema: dict[str, Any]) -> None:
+    """Errors on paths under `path_prefix` are answered in `envelope`; the published
+    document names its body `schema_name`."""
+    ENVELOPES[path_prefix] = envelope
+    ENVELOPE_SCHEMAS[envelope] = (schema_name, schema)
 
 
 def envelope_for(path: str) -> Envelope:

@@ -13,9 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import Field
 
 from engine.core.audio_codec import MEDIA_TYPES
-from server.errors import Envelope, envelope_for, openai_envelope
-from server.infrai.errors import infrai_envelope
-from server.quantcdn.errors import quant_envelope
+from server.errors import ENVELOPE_SCHEMAS, Envelope, envelope_for, openai_envelope
 
 
 def Published(**constraints: Any) -> Any:  # reads as a type inside `Annotated`
@@ -29,27 +27,25 @@ AT_LEAST_ONE = Published(minItems=1)  # [] is a 400
 JSON_EXACT = 2**53  # the largest integer every JSON reader holds exactly
 TokenIds = Annotated[list[Annotated[int, Published(minimum=0)]], AT_LEAST_ONE]
 
-_TEXT = {"type": "string"}
-_NULLABLE_TEXT = {"type": ["string", "null"]}
+STRING = {"type": "string"}
+NULLABLE_STRING = {"type": ["string", "null"]}
 
 
-def _closed(required: dict[str, Any]) -> dict[str, Any]:
+def closed_object(required: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": list(required), "properties": required,
             "additionalProperties": False}
 
 
-# Each dialect's envelope (server/errors.py, server/infrai/errors.py, server/quantcdn/errors.py).
-ENVELOPE_SCHEMAS: dict[Envelope, tuple[str, dict[str, Any]]] = {
-    openai_envelope: ("OpenAIError", _closed({"error": _closed({
-        "message": _TEXT, "type": _TEXT, "param": _NULLABLE_TEXT, "code": _NULLABLE_TEXT,
-        "request_id": _TEXT})})),
-    infrai_envelope: ("GatewayError", _closed({"error": _closed({
-        "code": _TEXT, "message": _TEXT, "param": _NULLABLE_TEXT, "status": {"type": "integer"},
-        "retryable": {"type": "boolean"}, "request_id": _TEXT})})),
-    quant_envelope: ("QuantError", _closed({
-        "error": {"const": True}, "message": _TEXT, "code": _NULLABLE_TEXT,
-        "param": _NULLABLE_TEXT, "request_id": _TEXT})),
-}
+# OpenAI's envelope (server/errors.py, the default); each other dialect registers its own
+# with server.errors.register_envelope.
+OPENAI_ERROR = ("OpenAIError", closed_object({"error": closed_object({
+    "message": STRING, "type": STRING, "param": NULLABLE_STRING, "code": NULLABLE_STRING,
+    "request_id": STRING})}))
+
+
+def envelope_schemas() -> dict[Envelope, tuple[str, dict[str, Any]]]:
+    return {openai_envelope: OPENAI_ERROR, **ENVELOPE_SCHEMAS}
+
 
 ERRORS = {
     400: "A field is missing or holds a value ember cannot accept (ember never answers 422)",
@@ -138,7 +134,7 @@ def _content(media_types: tuple[str, ...], schema: dict[str, Any]) -> dict[str, 
         elif media_type == SSE:
             content[media_type] = {}
         else:
-            content[media_type] = {"schema": _TEXT if media_type == TEXT else BINARY}
+            content[media_type] = {"schema": STRING if media_type == TEXT else BINARY}
     return content
 
 
@@ -156,7 +152,7 @@ def _operation(path: str, method: str, operation: dict[str, Any]) -> None:
         statuses.add(413)
     if path.startswith(GUARDED):
         statuses |= {401, 403, 429, 500}
-    envelope, _ = ENVELOPE_SCHEMAS[envelope_for(path)]
+    envelope, _ = envelope_schemas()[envelope_for(path)]
     for status in sorted(statuses):
         if status == 202:
             responses["202"] = {"description": QUEUED, "content": _content((JSON,), schema)}
@@ -177,7 +173,7 @@ def truthful(schema: dict[str, Any]) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
-    components.update(dict(ENVELOPE_SCHEMAS.values()))
+    components.update(dict(envelope_schemas().values()))
     return schema
 
 

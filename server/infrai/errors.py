@@ -7,6 +7,8 @@ from typing import Any
 
 from engine.core import logs
 from engine.core.errors import EmberError
+from server.errors import register_envelope
+from server.openapi import NULLABLE_STRING, STRING, closed_object
 
 RETRYABLE = (429, 503, 504)
 
@@ -25,6 +27,13 @@ def infrai_envelope(error: EmberError) -> dict[str, Any]:
             "request_id": logs.request_id.get(),
         }
     }
+
+
+register_envelope("/v1/ai/", infrai_envelope, "GatewayError", closed_object({
+    "error": closed_object({
+        "code": STRING, "message": STRING, "param": NULLABLE_STRING,
+        "status": {"type": "integer"}, "retryable": {"type": "boolean"},
+        "request_id": STRING})}))
 
 
 class NotImplementedYetError(EmberError):

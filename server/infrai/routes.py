@@ -38,10 +38,10 @@ from server.infrai.schemas import (
     TtsIn,
     VisionIn,
 )
-from server.openai.images import parse_size
 from server.responses import JSON
 from server.streaming import prime, sse_response
 from server.tools_wire import tool_call_delta, tool_calls_json
+from server.wire import parse_size
 
 router = APIRouter(prefix="/v1/ai", dependencies=[Depends(require_api_key)])
 

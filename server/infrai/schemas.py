@@ -7,11 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.openai.audio import SpeechInput
-from server.openai.images import Size
-from server.openai.schemas import Temperature
 from server.openapi import AT_LEAST_ONE, NonBlank, NonEmpty, Published
 from server.tools_wire import NamedFunction, ToolCallIn, ToolIn
+from server.wire import Size, SpeechInput, Temperature
 
 Prefer = Literal["balanced", "cheapest", "smartest"]
 TaskName = Literal["general", "reasoning", "coding", "long_context"]

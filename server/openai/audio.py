@@ -16,10 +16,11 @@ from engine.contracts.speech import (
     TranscriptSegment,
 )
 from engine.core.errors import InvalidRequestError
-from engine.speech.service import MAX_SPEECH_INPUT_CHARS, SPEED_RANGE
+from engine.speech.service import SPEED_RANGE
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
 from server.openapi import NonEmpty, Published
+from server.wire import SpeechInput
 
 TranscriptFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 
@@ -127,8 +128,7 @@ class Voice(WireModel):
     id: str = Field(min_length=1)
 
 
-# The engine refuses blank and over-long input (every dialect), and a speed outside SPEED_RANGE.
-SpeechInput = Annotated[str, Published(pattern=r"\S", maxLength=MAX_SPEECH_INPUT_CHARS)]
+# The engine refuses a speed outside SPEED_RANGE (and blank or over-long input: SpeechInput).
 Speed = Annotated[float, Published(minimum=SPEED_RANGE[0], maximum=SPEED_RANGE[1])]
 
 

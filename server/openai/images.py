@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -20,10 +19,7 @@ from server.deps import file_url
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
 from server.openapi import JSON_EXACT, NonBlank, Published
-
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-# What parse_size accepts; each model adds its own limits (multiples of 8, up to max_side).
-Size = Annotated[str, Published(pattern=r"^(auto|\d{1,5}x\d{1,5})?$")]
+from server.wire import Size, parse_size
 
 
 class ImageFields(WireModel):
@@ -55,18 +51,6 @@ class ImageEditForm(ImageFields):
 
 class ImageVariationForm(ImageFields):
     pass
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    if size in (None, "", "auto"):
-        return None, None
-    match = _SIZE.match(size)
-    if not match:
-        raise InvalidRequestError(
-            f"size must look like 1024x1024 (width x height) or be 'auto'; got {size!r}",
-            param="size",
-        )
-    return int(match.group(1)), int(match.group(2))
 
 
 def image_request(

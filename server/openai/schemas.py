@@ -10,28 +10,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from server.openapi import AT_LEAST_ONE, NonEmpty, TokenIds
 from server.tools_wire import NamedFunction, ToolCallIn, ToolIn
+from server.wire import Temperature, representable_penalty
 
 log = logging.getLogger("ember.http")
-
-# Sampling values so small that the logits overflow (a denormal temperature divides them to
-# inf; a repetition_penalty under float32's range rounds to 0 there, giving inf and NaN), which
-# broke decoding under an output grammar (a 500). Every dialect's schema maps them here:
-# a temperature under GREEDY_BELOW is greedy (its distribution is the argmax already), and a
-# repetition_penalty is at least MIN_REPETITION_PENALTY (still "always repeat").
-GREEDY_BELOW = 1e-6
-MIN_REPETITION_PENALTY = 1e-30
-
-
-def _greedy_if_tiny(value: float) -> float:
-    return 0.0 if 0 < value < GREEDY_BELOW else value
-
-
-def _representable_penalty(value: float) -> float:
-    return max(value, MIN_REPETITION_PENALTY)
-
-
-Temperature = Annotated[float, Field(ge=0, le=2), AfterValidator(_greedy_if_tiny)]
-
 
 class WireModel(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
@@ -87,7 +68,7 @@ class SamplingFields(WireModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: Annotated[
-        float, Field(gt=0, le=10), AfterValidator(_representable_penalty)] | None = None
+        float, Field(gt=0, le=10), AfterValidator(representable_penalty)] | None = None
     n: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: StopField = None

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.openai.schemas import Temperature
 from server.openapi import AT_LEAST_ONE, NonEmpty, Published
+from server.wire import Temperature
 
 # A content block: {text} or {image: {format, source: {bytes}}} (video and document blocks are
 # refused: ember reads neither).
