@@ -4,39 +4,14 @@ queue, limits and thread."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from engine.core.batcher import Batcher
 from engine.core.compute import ComputeThread
-from engine.core.errors import EmberError
 from engine.core.registry import ModelEntry
+from engine.core.runners import JobSlotRunner, Runner
 from engine.core.settings import Settings
 from engine.generation.scheduler import ChatScheduler
-
-
-class Runner(Protocol):
-    @property
-    def pending(self) -> int: ...
-
-    @property
-    def queued(self) -> int: ...
-
-    @property
-    def load_fraction(self) -> float: ...
-
-    def shutdown(self, error: EmberError | None = None) -> None: ...
-
-
-class JobSlotRunner:
-    """Video and music run as jobs on their own threads (engine/jobs.py); the job queue is
-    their queue, so the loaded model needs no runner of its own."""
-
-    pending = 0
-    queued = 0
-    load_fraction = 0.0
-
-    def shutdown(self, error: EmberError | None = None) -> None:
-        pass
 
 
 def make_runner(

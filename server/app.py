@@ -239,14 +239,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.get("/ready")
     async def ready() -> Any:
-        preload = {name: engine.manager.status_of(name).state for name in engine.preload_ids()}
+        preload = {name: engine.models.status(name).state for name in engine.preload_ids()}
         ok = engine.preloaded and all(state == "ready" for state in preload.values())
         return JSONResponse({"status": "ready" if ok else "loading", "models": preload},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
-        for status in engine.manager.status():
+        for status in engine.models.list():
             metrics.QUEUE_DEPTH.labels(status.id).set(status.queued_requests)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

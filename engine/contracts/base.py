@@ -37,23 +37,42 @@ class AdapterOptions(BaseModel):
 
 @runtime_checkable
 class Backend(Protocol):
-    """The part of every task's contract the model manager drives."""
+    """The part of every task's contract the model manager drives. An adapter is built as
+    `cls(entry, context)` (which checks the entry's `options:` against `options_model`), then
+    `load`ed and `warmup`ed on a worker thread; `memory_bytes` counts it against the memory
+    budget while it is loaded; `unload` frees it."""
 
     options_model: ClassVar[type[AdapterOptions]]
 
-    def load(self) -> None: ...
+    def load(self) -> None:
+        """Read the weights (from the local cache only) onto `LoadContext.device`. Raises
+        ModelLoadError (or ModelUnavailableError: not installed) naming the model."""
+        ...
 
-    def warmup(self) -> None: ...
+    def warmup(self) -> None:
+        """Run one tiny request, so the first caller does not pay for lazy initialization."""
+        ...
 
-    def memory_bytes(self) -> int: ...
+    def memory_bytes(self) -> int:
+        """Bytes the loaded model holds (weights, and any fixed cache it allocated)."""
+        ...
 
-    def unload(self) -> None: ...
+    def unload(self) -> None:
+        """Drop the model and give its memory back (device memory included)."""
+        ...
 
 
 @runtime_checkable
 class BatchBackend(Backend, Protocol):
-    """A backend the dynamic batcher drives: items from any number of requests, one call."""
+    """A backend the dynamic batcher (engine/core/batcher.py) drives: items prepared on
+    request threads, from any number of requests, run in one call on the compute thread.
+    Each task's contract says what its items and outputs are."""
 
-    def batch(self, items: Sequence[Any]) -> list[Any]: ...
+    def batch(self, items: list[Any]) -> Sequence[Any]:
+        """One output per item, in order."""
+        ...
 
-    def size_of(self, item: Any) -> int: ...
+    def size_of(self, item: Any) -> int:
+        """The item's size (tokens, characters, ...): the batcher groups similar sizes, so
+        a batch pads little."""
+        ...

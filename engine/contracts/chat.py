@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import field_validator
+
+from engine.contracts.base import AdapterOptions
 
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
@@ -166,7 +169,7 @@ class OutputConstraint:
 class GenerationRequest:
     """A chat (messages) or a text completion (prompt text or token ids)."""
 
-    model: str
+    model: str | None  # None: the task's default model
     params: SamplingParams
     messages: list[ChatMessage] | None = None
     prompt: str | list[int] | None = None
@@ -228,6 +231,7 @@ class GenerationResult:
     model: str
     choices: list[Choice]
     usage: Usage
+    served_by: str = ""  # the id of the registry entry that ran it
 
 
 # -- the backend contract ----------------------------------------------------------------------
@@ -336,3 +340,25 @@ class ChatBackend(Protocol):
         """Sampling defaults the checkpoint ships (generation_config.json), by
         SamplingParams field name; {} when it has none."""
         ...
+
+
+class ChatOptions(AdapterOptions):
+    """Chat models, on either backend (models.chat:TransformersChat, models.llamacpp:
+    LlamaCppChat, models.vision:VisionChat): one entry may be served by either."""
+
+    # The vision model (a `task: vision` entry) that answers this chat model's requests with
+    # images (read by engine/generation/vision.py).
+    vision_model: str | None = None
+    # llama.cpp: one KV pool shared by every sequence, instead of kv_cache_tokens /
+    # max_sequences cells each.
+    kv_unified: bool = False
+    # llama.cpp's flash attention: off by default, so a token's logits never depend on how
+    # its batch was cut; "auto" lets llama.cpp choose.
+    flash_attn: bool | Literal["auto"] = False
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _flash_attn(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("must be auto, true or false")

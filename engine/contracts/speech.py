@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from engine.contracts.base import BatchBackend
+import numpy as np
+from pydantic import Field, field_validator
+
+from engine.contracts.base import AdapterOptions, BatchBackend
 
 SpeechTask = Literal["transcribe", "translate"]
 
@@ -14,7 +18,7 @@ SpeechTask = Literal["transcribe", "translate"]
 class TranscriptionRequest:
     """Speech to text. `translate` transcribes into English."""
 
-    model: str
+    model: str | None  # None: the task's default model
     audio: bytes
     task: SpeechTask = "transcribe"
     language: str | None = None
@@ -24,8 +28,23 @@ class TranscriptionRequest:
     vad_filter: bool = False
 
 
+class _ReadByKey:
+    """Transitional: a field read as `segment["start"]` / `segment.get("words", [])`, the way
+    engine/speech/service.py's `_segments` read the adapter's segment dicts before they were
+    these types. Remove once it takes the segments as they are."""
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+
 @dataclass(frozen=True)
-class WordTiming:
+class WordTiming(_ReadByKey):
     word: str
     start: float
     end: float
@@ -33,7 +52,11 @@ class WordTiming:
 
 
 @dataclass(frozen=True)
-class TranscriptSegment:
+class TranscriptSegment(_ReadByKey):
+    """One segment, as the wire sends it. Times are in seconds into the request's audio,
+    rounded to the millisecond. A model numbers a window's segments from 0; the engine
+    renumbers them across the request (`dataclasses.replace(segment, id=...)`)."""
+
     id: int
     seek: int
     start: float
@@ -61,6 +84,7 @@ class Transcription:
     language: str
     duration: float
     segments: list[TranscriptSegment]
+    served_by: str = ""  # the id of the registry entry that ran it
 
     @property
     def text(self) -> str:
@@ -71,7 +95,7 @@ class Transcription:
 class SpeechRequest:
     """Text to speech. `voice` is a voice name or an alias of one (OpenAI's names)."""
 
-    model: str
+    model: str | None  # None: the task's default model
     text: str
     voice: str
     speed: float = 1.0
@@ -85,17 +109,67 @@ class SpeechChunk:
     sample_rate: int
 
 
+@dataclass(frozen=True)
+class AudioWindow:
+    """One piece of a request's audio (at most the model's input length), ready for the
+    encoder, with how to decode it. `language` None: still to detect."""
+
+    features: np.ndarray  # the model's input features (Whisper: (n_mels, 3000) log-mel)
+    offset: float  # seconds into the request's audio
+    duration: float
+    task: SpeechTask
+    language: str | None
+    prompt: str | None
+    temperature: float
+    word_timestamps: bool
+
+
+@dataclass
+class PreparedAudio:
+    """A request's audio, decoded and cut into windows in order. `audio` (mono float32 at the
+    model's rate) is kept, so a window can be decoded again from a later point."""
+
+    windows: list[AudioWindow]
+    duration: float  # seconds of audio in the request
+    audio: np.ndarray
+    request: TranscriptionRequest
+
+
+@dataclass
+class WindowResult:
+    """A window's segments (none for silence) in the language it was decoded in."""
+
+    language: str
+    segments: list[TranscriptSegment] = field(default_factory=list)
+    # Where undecoded speech starts when the model stopped before the window's end (Whisper
+    # resumes from its last timestamp, as its sequential decoding does); None when done.
+    resume_at: float | None = None
+
+
 @runtime_checkable
 class Transcriber(BatchBackend, Protocol):
     """Audio to text, window by window. `prepare` checks the request and decodes the audio into
-    windows (on a worker thread); `batch` decodes windows of any requests together."""
+    windows (on a worker thread); `batch` decodes windows of any requests together; a result
+    with `resume_at` set is finished by decoding `window_between(prepared, resume_at, window
+    end, result.language)`."""
 
-    multilingual: bool
+    multilingual: bool  # False: English only (no translation, no other language)
 
-    def prepare(self, request: TranscriptionRequest, max_seconds: float) -> Any: ...
+    def prepare(self, request: TranscriptionRequest, max_seconds: float) -> PreparedAudio:
+        """Check the request's parameters (InvalidRequestError before any decoding), decode
+        at most `max_seconds` of its audio and cut it into windows."""
+        ...
 
-    def window_between(self, prepared: Any, start: float, end: float,
-                       language: str | None) -> Any: ...
+    def window_between(self, prepared: PreparedAudio, start: float, end: float,
+                       language: str | None) -> AudioWindow:
+        """The audio from `start` to `end` seconds as a window, decoded in `language`."""
+        ...
+
+    def batch(self, items: list[AudioWindow]) -> Sequence[WindowResult]:
+        """One result per window, in order."""
+        ...
+
+    def size_of(self, item: AudioWindow) -> int: ...
 
 
 @runtime_checkable
@@ -104,6 +178,51 @@ class Synthesizer(BatchBackend, Protocol):
 
     sample_rate: int
 
-    def sentences(self, request: SpeechRequest) -> list[str]: ...
+    def sentences(self, request: SpeechRequest) -> list[str]:
+        """Check the voice (InvalidRequestError naming the known ones) and split the text
+        into sentences."""
+        ...
 
-    def prepare(self, request: SpeechRequest, sentences: list[str] | None = None) -> list[Any]: ...
+    def prepare(self, request: SpeechRequest, sentences: list[str] | None = None) -> list[Any]:
+        """The items for `sentences` (default: all of the request's); sentences with nothing
+        to pronounce give none, so the list may be empty."""
+        ...
+
+    def batch(self, items: list[Any]) -> Sequence[np.ndarray]:
+        """Mono float32 samples per item (its sentence, then a short silence)."""
+        ...
+
+
+# -- the adapters' registry options -----------------------------------------------------------
+
+
+class WhisperOptions(AdapterOptions):
+    """faster-whisper (models.whisper:WhisperSpeechToText)."""
+
+    # CTranslate2's compute type (int8, float16, float32, ...); None: int8 on CPU, float16 on
+    # CUDA.
+    compute_type: str | None = None
+    beam_size: int = Field(5, gt=0)  # faster-whisper's default
+
+
+class PiperVoiceOptions(AdapterOptions):
+    """One voice of a (multi-speaker) Piper model."""
+
+    speaker: int = 0  # the speaker id, for a multi-speaker model
+    language: str | None = None  # BCP 47-like (en_US), for the voice listing
+
+
+class PiperOptions(AdapterOptions):
+    """Piper voices (models.piper:PiperVoice)."""
+
+    voices: dict[str, PiperVoiceOptions] = Field(default_factory=dict)
+    voice_aliases: dict[str, str] = Field(default_factory=dict)  # other names (OpenAI's)
+    onnx_file: str | None = None  # when the folder holds several .onnx files
+
+    @field_validator("voices", mode="before")
+    @classmethod
+    def _bare_names(cls, value: Any) -> Any:
+        """`voices: {joe: }` (a name alone) is a voice with the defaults."""
+        if isinstance(value, dict):
+            return {name: {} if voice is None else voice for name, voice in value.items()}
+        return value

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -143,7 +143,7 @@ class Batcher(Generic[In, Out]):
             results += await self.submit_many(payloads[start:start + step])
         return results
 
-    async def stream(self, payloads: Sequence[In]) -> AsyncIterator[Out]:
+    async def stream(self, payloads: Sequence[In]) -> AsyncGenerator[Out, None]:
         """Each result in order as soon as it and those before it are done (speech streams
         sentence by sentence). Closing the iterator early withdraws what is still queued."""
         items = self._enqueue(payloads)

@@ -11,15 +11,27 @@ Runners share `cond` as their lock: submitters append to a runner's queue under 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Tokenizing a short input takes tens of microseconds, less than a hop to a worker thread and
+# back; only inputs above this many characters are tokenized off the event loop.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size <= INLINE_TOKENIZE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 class Steppable(Protocol):

@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
+from engine.contracts.base import Backend, LoadContext
 from engine.contracts.chat import SamplingParams
 from engine.core import metrics
 from engine.core.access import current_caller
@@ -39,15 +40,16 @@ from engine.core.errors import (
     is_out_of_memory,
 )
 from engine.core.registry import ModelEntry, Registry, Task
+from engine.core.runners import Runner, RunnerFactory
 from engine.core.settings import Settings
 from engine.core.sources import is_installed
-from engine.runners import Runner, make_runner
-from models.base import LoadContext, ModelAdapter
 
 log = logging.getLogger(__name__)
 
-AdapterFactory = Callable[[ModelEntry, LoadContext], ModelAdapter]
+AdapterFactory = Callable[[ModelEntry, LoadContext], Backend]
 T = TypeVar("T")
+B = TypeVar("B")
+R = TypeVar("R")
 
 
 class ModelState(StrEnum):
@@ -69,9 +71,9 @@ def adapter_class(entry: ModelEntry) -> Any:
         ) from exc
 
 
-def import_adapter(entry: ModelEntry, context: LoadContext) -> ModelAdapter:
+def import_adapter(entry: ModelEntry, context: LoadContext) -> Backend:
     """The default factory: an instance of the entry's adapter class."""
-    adapter: ModelAdapter = adapter_class(entry)(entry, context)
+    adapter: Backend = adapter_class(entry)(entry, context)
     return adapter
 
 
@@ -104,7 +106,7 @@ async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
 class ModelSlot:
     entry: ModelEntry
     state: ModelState = ModelState.AVAILABLE
-    adapter: Any = None
+    adapter: Backend | None = None
     loaded_runner: Runner | None = None
     error: str | None = None
     leases: int = 0
@@ -123,6 +125,16 @@ class ModelSlot:
         if self.loaded_runner is None:
             raise ModelUnavailableError(f"{self.entry.id!r} is not loaded")
         return self.loaded_runner
+
+
+@dataclass(frozen=True)
+class Lease(Generic[B, R]):
+    """A loaded model held for one request: its backend as its task's contract and its runner.
+    The model cannot be unloaded while the lease is held."""
+
+    entry: ModelEntry
+    backend: B
+    runner: R
 
 
 @dataclass(frozen=True)
@@ -151,10 +163,12 @@ class ModelManager:
         self,
         settings: Settings,
         registry: Registry,
+        runner_factory: RunnerFactory,
         adapter_factory: AdapterFactory = import_adapter,
     ):
         self.settings = settings
         self.registry = registry
+        self._make_runner = runner_factory
         self._factory = adapter_factory
         self._slots: dict[str, ModelSlot] = {e.id: ModelSlot(e) for e in registry.entries()}
         # Loads are memory-heavy: one at a time keeps the budget honest.
@@ -205,6 +219,15 @@ class ModelManager:
             slot.leases -= 1
             slot.last_used = time.monotonic()
 
+    @asynccontextmanager
+    async def lease_as(
+        self, name: str, task: Task, backend: type[B], runner: type[R]
+    ) -> AsyncIterator[Lease[B, R]]:
+        """`async with manager.lease_as(name, "embedding", Embedder, Batcher) as lease:` → the
+        model's backend as its task's contract (checked when it loaded) and its runner."""
+        async with self.lease(name, task) as slot:
+            yield Lease(slot.entry, cast(B, slot.adapter), cast(R, slot.runner))
+
     async def load(self, name: str) -> ModelSlot:
         async with self.lease(name) as slot:
             return slot
@@ -252,7 +275,7 @@ class ModelManager:
             # llama.cpp runs the GGUF file's own quantized weights.
             slot.dtype = "gguf" if choice.backend == "llama.cpp" else str(dtype).removeprefix(
                 "torch.")
-            slot.loaded_runner = make_runner(entry, adapter, self.settings, self.compute)
+            slot.loaded_runner = self._make_runner(entry, adapter, self.settings, self.compute)
             slot.state = ModelState.READY
             metrics.MODEL_LOADED.labels(entry.id).set(1)
             metrics.MODEL_LOAD_SECONDS.labels(entry.id).set(slot.load_seconds)
@@ -277,7 +300,7 @@ class ModelManager:
 
     def _load_blocking(
         self, entry: ModelEntry, context: LoadContext
-    ) -> tuple[ModelAdapter, BackendChoice]:
+    ) -> tuple[Backend, BackendChoice]:
         choice = choose_backend(entry, context.device, context.models_dir)
         if choice.adapter != entry.adapter:
             log.info("%s: serving on %s", entry.id, choice.backend)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
-import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +26,7 @@ from engine.contracts.chat import (
     TextDelta,
     Usage,
 )
+from engine.core.digest import digest
 from engine.core.errors import ConflictError, RequestCancelledError
 from engine.core.registry import Registry
 
@@ -73,12 +72,6 @@ class TTLStore(Generic[V]):
         return len(self._items)
 
 
-def digest(payload: Any) -> str:
-    """SHA-256 of a JSON-able value in canonical form (sorted keys, no spaces)."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 class ResponseCache:
     """Exact-match cache of chat results, keyed on the normalized request: the resolved model
     id (aliases share entries), every message (images by their URL or data), and every
@@ -93,8 +86,9 @@ class ResponseCache:
             [m.role, m.content, [p if isinstance(p, str) else {"image": p.url} for p in m.parts]]
             for m in request.messages or []
         ]
+        model = self.registry.resolve(self.registry.model_or_default(request.model, "chat"))
         return digest({
-            "model": self.registry.resolve(request.model).id, "messages": messages,
+            "model": model.id, "messages": messages,
             "prompt": request.prompt, "echo": request.echo, "params": asdict(request.params),
             "constraint": repr(request.constraint),
         })
@@ -152,7 +146,8 @@ class ResponseCache:
                 elif isinstance(event, ChoiceFinished):
                     choices[event.index].finish_reason = event.finish_reason
                 elif isinstance(event, Usage):
-                    self.store(key, GenerationResult(request.model, choices, event))
+                    self.store(key, GenerationResult(
+                        self.registry.model_or_default(request.model, "chat"), choices, event))
                 yield event
 
 

@@ -28,9 +28,10 @@ def chat_entry(registry: Registry, request: GenerationRequest) -> ModelEntry:
     model if it is a vision model, else to the vision model its entry names in
     `options.vision_model`; otherwise it is a 400 that lists the vision models.
     """
-    entry = registry.resolve(request.model)
+    name = registry.model_or_default(request.model, "chat")
+    entry = registry.resolve(name)
     if entry.task != "vision":
-        entry = registry.resolve(request.model, "chat")  # a 400 for embedding models & co.
+        entry = registry.resolve(name, "chat")  # a 400 for embedding models & co.
     images = request.images()
     if entry.task == "vision":
         if images:

@@ -16,13 +16,16 @@ from engine.contracts.images import (
     MIN_SIDE,
     SIDE_MULTIPLE,
     GeneratedImage,
+    ImageGenerator,
     ImageRequest,
     ImageResult,
 )
 from engine.core import metrics
+from engine.core.batcher import Batcher
 from engine.core.errors import InvalidRequestError
 from engine.core.image_codec import IMAGE_FORMATS, encode_image, opened_image
 from engine.core.manager import ModelManager
+from engine.media.artifacts import ArtifactStore
 
 
 def check_input_images(image: bytes | None, mask: bytes | None) -> None:
@@ -85,25 +88,38 @@ def check_image_request(request: ImageRequest) -> None:
         raise InvalidRequestError(f"seed must be between 0 and {MAX_SEED}", param="seed")
 
 
-async def generate_images(manager: ModelManager, request: ImageRequest) -> ImageResult:
-    check_image_request(request)  # before the model is looked up, loaded or found missing
-    if request.image is not None:
-        await asyncio.to_thread(check_input_images, request.image, request.mask)
-    async with manager.lease(request.model, "image") as slot:
-        jobs = await asyncio.to_thread(slot.adapter.prepare, request)
-        try:
-            pictures = await slot.runner.submit_many(jobs)
-        except BaseException:
-            for job in jobs:  # a batch already running stops at its next step
-                job.cancelled.set()
-            raise
-        metrics.GENERATED_IMAGES.labels(slot.entry.id).inc(len(pictures))
+class ImageService:
+    def __init__(self, manager: ModelManager, files: ArtifactStore):
+        self.manager = manager
+        self.files = files
 
-    def encode_all() -> list[GeneratedImage]:
-        encoded = []
-        for job, picture in zip(jobs, pictures, strict=True):
-            data, media_type = encode_image(picture, request.output_format)
-            encoded.append(GeneratedImage(data, media_type, request.output_format, job.seed))
-        return encoded
+    async def generate(self, request: ImageRequest, keep: bool = False) -> ImageResult:
+        """The request's images, encoded; with `keep`, each is also stored in the file store
+        and carries its `file_id` (the server builds its URL)."""
+        check_image_request(request)  # before the model is looked up, loaded or found missing
+        if request.image is not None:
+            await asyncio.to_thread(check_input_images, request.image, request.mask)
+        model = self.manager.registry.model_or_default(request.model, "image")
+        async with self.manager.lease_as(model, "image", ImageGenerator, Batcher) as slot:
+            jobs = await asyncio.to_thread(slot.backend.prepare, request)
+            try:
+                pictures = await slot.runner.submit_many(jobs)
+            except BaseException:
+                for job in jobs:  # a batch already running stops at its next step
+                    job.cancelled.set()
+                raise
+            metrics.GENERATED_IMAGES.labels(slot.entry.id).inc(len(pictures))
 
-    return ImageResult(prompt=request.prompt, images=await asyncio.to_thread(encode_all))
+        def encode_all() -> list[GeneratedImage]:
+            encoded = []
+            for job, picture in zip(jobs, pictures, strict=True):
+                data, media_type = encode_image(picture, request.output_format)
+                fmt = request.output_format
+                file_id = self.files.put(data, media_type, fmt).id if keep else None
+                encoded.append(GeneratedImage(data, media_type, fmt, job.seed, file_id))
+            return encoded
+
+        return ImageResult(prompt=request.prompt, images=await asyncio.to_thread(encode_all),
+                           served_by=slot.entry.id)
+
+

@@ -15,7 +15,7 @@ from engine.contracts.media import MediaResult
 from engine.core.errors import DeadlineExceededError, InvalidRequestError
 from engine.core.registry import ModelEntry
 from engine.gateway.cache import CachePolicy, ResponseCache
-from engine.jobs.runner import Job
+from engine.jobs.store import Job
 
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 POLICIES = ("deterministic", "always", "off")

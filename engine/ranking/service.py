@@ -11,39 +11,65 @@ from engine.contracts.ranking import (
     ModerationRequest,
     ModerationResult,
     ModerationVerdict,
+    Moderator,
     RankedDocument,
+    Reranker,
     RerankRequest,
     RerankResult,
 )
 from engine.core import metrics
+from engine.core.batcher import Batcher
 from engine.core.errors import InvalidRequestError
 from engine.core.limits import check_count
 from engine.core.manager import ModelManager
 from engine.core.settings import Settings
 
 
-async def rerank(manager: ModelManager, settings: Settings, request: RerankRequest) -> RerankResult:
-    name = manager.registry.model_or_default(request.model, "rerank")
-    if not request.query:
-        raise InvalidRequestError("query must not be empty", param="query")
-    count = len(request.documents)
-    check_count(count, settings.max_rerank_documents, "documents", "max_rerank_documents")
-    for index, document in enumerate(request.documents):
-        if not document:
-            raise InvalidRequestError(f"documents[{index}] is empty", param=f"documents[{index}]")
-    if request.top_n is not None and request.top_n < 1:
-        raise InvalidRequestError(f"top_n must be at least 1; got {request.top_n}",
-                                  param="top_n")
-    async with manager.lease(name, "rerank") as slot:
-        adapter = slot.adapter
-        items = await asyncio.to_thread(adapter.prepare, request.query, request.documents)
-        scores: list[float] = adapter.relevance(await slot.runner.submit_all(items))
-        tokens = sum(map(adapter.size_of, items))
-    metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
-    # Ties keep the documents' order, so equal scores rank the same way every time.
-    order = sorted(range(count), key=lambda i: (-scores[i], i))[: request.top_n or count]
-    ranked = [RankedDocument(index=i, relevance_score=scores[i]) for i in order]
-    return RerankResult(model=name, results=ranked, total_tokens=tokens)
+class RankingService:
+    def __init__(self, settings: Settings, manager: ModelManager):
+        self.settings = settings
+        self.manager = manager
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        name = self.manager.registry.model_or_default(request.model, "rerank")
+        if not request.query:
+            raise InvalidRequestError("query must not be empty", param="query")
+        count = len(request.documents)
+        check_count(count, self.settings.max_rerank_documents, "documents", "max_rerank_documents")
+        for index, document in enumerate(request.documents):
+            if not document:
+                raise InvalidRequestError(f"documents[{index}] is empty",
+                                          param=f"documents[{index}]")
+        if request.top_n is not None and request.top_n < 1:
+            raise InvalidRequestError(f"top_n must be at least 1; got {request.top_n}",
+                                      param="top_n")
+        async with self.manager.lease_as(name, "rerank", Reranker, Batcher) as slot:
+            adapter = slot.backend
+            items = await asyncio.to_thread(adapter.prepare, request.query, request.documents)
+            scores: list[float] = adapter.relevance(await slot.runner.submit_all(items))
+            tokens = sum(map(adapter.size_of, items))
+        metrics.PROMPT_TOKENS.labels(slot.entry.id).inc(tokens)
+        # Ties keep the documents' order, so equal scores rank the same way every time.
+        order = sorted(range(count), key=lambda i: (-scores[i], i))[: request.top_n or count]
+        ranked = [RankedDocument(index=i, relevance_score=scores[i]) for i in order]
+        return RerankResult(model=name, results=ranked, total_tokens=tokens,
+                            served_by=slot.entry.id)
+
+    async def moderate(self, request: ModerationRequest) -> ModerationResult:
+        name = self.manager.registry.model_or_default(request.model, "moderation")
+        check_count(len(request.texts), self.settings.max_embedding_inputs, "input",
+                     "max_embedding_inputs")
+        for index, text in enumerate(request.texts):
+            if not text:
+                raise InvalidRequestError(f"input[{index}] is an empty string",
+                                          param=f"input[{index}]")
+        async with self.manager.lease_as(name, "moderation", Moderator, Batcher) as slot:
+            adapter = slot.backend
+            items = await asyncio.to_thread(adapter.prepare, request.texts)
+            scores = await slot.runner.submit_all(items)
+            thresholds = adapter.thresholds
+        return ModerationResult(model=name, results=[verdict(s, thresholds) for s in scores],
+                                served_by=slot.entry.id)
 
 
 def verdict(scores: dict[str, float], thresholds: dict[str, float]) -> ModerationVerdict:
@@ -54,19 +80,3 @@ def verdict(scores: dict[str, float], thresholds: dict[str, float]) -> Moderatio
                              category_scores=category_scores)
 
 
-async def moderate(
-    manager: ModelManager, settings: Settings, request: ModerationRequest
-) -> ModerationResult:
-    name = manager.registry.model_or_default(request.model, "moderation")
-    check_count(len(request.texts), settings.max_embedding_inputs, "input",
-                 "max_embedding_inputs")
-    for index, text in enumerate(request.texts):
-        if not text:
-            raise InvalidRequestError(f"input[{index}] is an empty string",
-                                      param=f"input[{index}]")
-    async with manager.lease(name, "moderation") as slot:
-        adapter = slot.adapter
-        items = await asyncio.to_thread(adapter.prepare, request.texts)
-        scores = await slot.runner.submit_all(items)
-        thresholds = adapter.thresholds
-    return ModerationResult(model=name, results=[verdict(s, thresholds) for s in scores])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,16 +12,12 @@ from engine.contracts.chat import ChoiceFinished, TextDelta, ToolCallDelta, Usag
 from engine.contracts.embeddings import EmbeddingRequest
 from engine.contracts.images import ImageRequest
 from engine.contracts.speech import SpeechRequest, TranscriptionRequest
-from engine.core.audio_codec import MEDIA_TYPES
-from engine.core.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
-from engine.core.sources import resolve_source
+from engine.core.errors import InvalidRequestError, NotFoundError
 from engine.gateway.cache import CachePolicy
-from engine.generation import vision
 from engine.generation.tool_calls import join_deltas
 from engine.jobs import chat as chat_jobs
-from engine.media.fetch import AUDIO, decode_data_uri, fetch_media, vet_media_url
+from engine.media.fetch import AUDIO
 from engine.service import Engine
-from engine.speech.service import encoded_speech, list_voices
 from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, file_url, require_api_key
 from server.gateway import deadline, renamed_params, within
@@ -54,7 +49,7 @@ TTS_FORMATS = {"mp3": "mp3", "wav": "wav", "ogg": "opus", "pcm": "pcm"}
 
 @router.post("/chat")
 async def chat(body: ChatIn, request: Request, engine: EngineDep) -> Any:
-    routed = translate.chat_request(body, engine.router)
+    routed = translate.chat_request(body, engine.gateway.router)
     policy = translate.CACHE_POLICIES[body.cache_strategy]
     if body.batch_mode:  # queued as a job, which outlives the request by design
         return await _submit_batch(body, routed, policy, engine)
@@ -72,20 +67,18 @@ async def _chat_now(body: ChatIn, routed: translate.Routed, policy: CachePolicy,
     if body.stream:
         return await _chat_stream(routed, policy, body.timeout_seconds, key, digest, once,
                                   engine)
-    if key is None:
-        return JSON(await once())
-    return JSON(await engine.idempotency.run(key, digest, once))
+    return JSON(await engine.gateway.once(key, digest, once))
 
 
 def _served_by(engine: Engine, routed: translate.Routed) -> str:
-    return vision.chat_entry(engine.registry, routed.request).id
+    return engine.generation.served_by(routed.request)
 
 
 async def _chat_once(routed: translate.Routed, policy: CachePolicy, timeout_s: float,
                      engine: Engine) -> dict[str, Any]:
     request = routed.request
     async with deadline(timeout_s):
-        result, hit = await engine.response_cache.generate(request, policy, engine.generate)
+        result, hit = await engine.gateway.chat(request, policy)
     meta = translate.metadata(request.request_id, _served_by(engine, routed), hit,
                               routed.routed_by)
     return translate.chat_result(result, meta)
@@ -98,18 +91,18 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
     first reply, replayed."""
     future = None
     if key is not None:
-        future, owner = engine.idempotency.claim(key, digest)
+        future, owner = engine.gateway.claim(key, digest)
         if not owner:
-            value = await engine.idempotency.run(key, digest, once)
+            value = await engine.gateway.once(key, digest, once)
             return sse_response(_replayed(value), infrai_envelope)
     try:
-        hit, events = engine.response_cache.stream(routed.request, policy, engine.stream)
+        hit, events = engine.gateway.chat_stream(routed.request, policy)
         events = await prime(within(events, timeout_s))
         meta = translate.metadata(routed.request.request_id, _served_by(engine, routed), hit,
                                   routed.routed_by)
     except BaseException as error:
         if key is not None and future is not None:
-            engine.idempotency.fail(key, future, error)
+            engine.gateway.fail(key, future, error)
         raise
 
     async def frames() -> AsyncIterator[dict[str, Any]]:
@@ -138,7 +131,7 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
                         future.set_result(translate.with_metadata(reply, meta))
         except BaseException as error:
             if key is not None and future is not None:
-                engine.idempotency.fail(key, future, error)
+                engine.gateway.fail(key, future, error)
             raise
 
     return sse_response(frames(), infrai_envelope)
@@ -183,24 +176,20 @@ async def chat_job(job_id: str, engine: EngineDep) -> Any:
 @cancel_on_disconnect
 async def embed(body: EmbedIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
-    model = engine.registry.model_or_default(body.model, "embedding")
     texts = [body.input] if isinstance(body.input, str) else body.input
-    job = EmbeddingRequest(model=model, texts=texts, dimensions=body.dimensions)
+    job = EmbeddingRequest(model=body.model, texts=texts, dimensions=body.dimensions)
 
     async def once() -> dict[str, Any]:
-        result = await engine.embed(job)
-        meta = translate.metadata(translate.new_request_id(),
-                                  engine.registry.resolve(model).id)
-        return {"embeddings": result.vectors, "model": model,
+        result = await engine.embeddings.embed(job)
+        meta = translate.metadata(translate.new_request_id(), result.served_by)
+        return {"embeddings": result.vectors, "model": result.model,
                 "dimensions": int(result.vectors.shape[1]),
                 "usage": {"prompt_tokens": result.prompt_tokens,
                           "total_tokens": result.prompt_tokens},
                 "metadata": meta}
 
-    if body.idempotency_key is None:
-        return JSON(await once())
-    key = f"ai.embed:{body.idempotency_key}"
-    return JSON(await engine.idempotency.run(key, translate.body_digest(body), once))
+    key = f"ai.embed:{body.idempotency_key}" if body.idempotency_key else None
+    return JSON(await engine.gateway.once(key, translate.body_digest(body), once))
 
 
 @router.post("/image")
@@ -208,45 +197,26 @@ async def embed(body: EmbedIn, request: Request, engine: EngineDep) -> Any:
 async def image(body: ImageIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
     width, height = parse_size(body.size)  # a bad size is a 400 before any model is picked
-    model = body.model or engine.router.pick("image", "general", body.prefer)
-    result = await engine.generate_images(ImageRequest(
+    model = body.model or engine.gateway.pick("image", "general", body.prefer)
+    result = await engine.images.generate(ImageRequest(
         model=model, prompt=body.prompt, n=body.n, width=width, height=height,
-    ))
-    images = []
-    for picture in result.images:
-        artifact = await asyncio.to_thread(engine.artifacts.put, picture.data,
-                                           picture.media_type, picture.suffix)
-        images.append({"url": file_url(request, engine, artifact.id),
-                       "b64": base64.b64encode(picture.data).decode()})
-    meta = translate.metadata(translate.new_request_id(), engine.registry.resolve(model).id)
+    ), keep=True)
+    images = [{"url": file_url(request, engine, picture.file_id or ""),
+               "b64": base64.b64encode(picture.data).decode()} for picture in result.images]
+    meta = translate.metadata(translate.new_request_id(), result.served_by)
     return JSON({"images": images, "metadata": meta})
-
-
-def _vision_model(engine: Engine) -> str:
-    """The router's vision model; with none configured, the default chat model, whose own
-    vision routing says which vision model to install."""
-    try:
-        return engine.router.pick("vision")
-    except ModelNotFoundError:
-        return engine.registry.model_or_default(None, "chat")
 
 
 @router.post("/vision")
 @cancel_on_disconnect
 async def vision_chat(body: VisionIn, request: Request, engine: EngineDep) -> Any:
-    job = translate.vision_request(body, body.model or _vision_model(engine))
-    result = await engine.generate(job)
-    meta = translate.metadata(job.request_id, vision.chat_entry(engine.registry, job).id)
+    job = translate.vision_request(body, body.model or engine.gateway.vision_model())
+    result = await engine.generation.generate(job)
+    meta = translate.metadata(job.request_id, result.served_by)
     return JSON(translate.chat_result(result, meta))
 
 
 # -- speech ------------------------------------------------------------------------------------
-
-
-def _default_voice(engine: Engine, model: str) -> str:
-    entry = engine.registry.resolve(model, "tts")
-    voices = [v.id for v in list_voices(engine.registry) if v.model == entry.id]
-    return voices[0] if voices else "alloy"
 
 
 @router.post("/tts")
@@ -254,48 +224,39 @@ def _default_voice(engine: Engine, model: str) -> str:
 async def tts(body: TtsIn, request: Request, engine: EngineDep) -> Any:
     """The whole clip is synthesized, stored as a file, and its URL returned."""
     translate.check_vendor(body)
-    model = engine.registry.model_or_default(body.model, "tts")
-    voice = body.voice or _default_voice(engine, model)
-    fmt = TTS_FORMATS[body.format]
+    voice = body.voice or engine.speech.default_voice(body.model)
     with renamed_params({"response_format": "format"}):
-        speech = engine.speak(SpeechRequest(model, body.input, voice))
-        data = b"".join([part async for part in encoded_speech(speech, fmt)])
-    artifact = await asyncio.to_thread(engine.artifacts.put, data, MEDIA_TYPES[fmt], body.format)
-    meta = translate.metadata(translate.new_request_id(), engine.registry.resolve(model).id)
-    return JSON({"audio_url": file_url(request, engine, artifact.id), "format": body.format,
-                 "metadata": meta})
+        spoken = await engine.speech.speak_to_file(SpeechRequest(body.model, body.input, voice),
+                                                   TTS_FORMATS[body.format], body.format)
+    meta = translate.metadata(translate.new_request_id(), spoken.served_by)
+    return JSON({"audio_url": file_url(request, engine, spoken.artifact.id),
+                 "format": body.format, "metadata": meta})
 
 
-async def _audio_bytes(ref: MediaRef, engine: Engine) -> bytes:
-    """A URL goes through the engine's guarded fetcher (audio types); base64 is decoded
-    under the same size cap."""
-    settings = engine.settings
-    if ref.url is not None:
-        return await fetch_media(ref.url.strip(), settings, "audio.url", AUDIO)
+def _audio_data_uri(ref: MediaRef) -> str:
+    """The wire's base64 (with its mime, or a whole data: URI) as a data: URI."""
     data = (ref.base64 or "").strip()
-    if data[:5].lower() != "data:":
-        mime = (ref.mime or "audio/*").strip().lower()
-        if not mime.startswith(AUDIO.prefixes):
-            raise InvalidRequestError(f"mime must be an audio type; got {ref.mime!r}",
-                                      param="audio.mime")
-        data = f"data:{mime};base64,{data}"
-    return decode_data_uri(data, "audio.base64", settings.fetch_max_bytes, AUDIO)
+    if data[:5].lower() == "data:":
+        return data
+    mime = (ref.mime or "audio/*").strip().lower()
+    if not mime.startswith(AUDIO.prefixes):
+        raise InvalidRequestError(f"mime must be an audio type; got {ref.mime!r}",
+                                  param="audio.mime")
+    return f"data:{mime};base64,{data}"
 
 
 @router.post("/asr")
 @cancel_on_disconnect
 async def asr(body: AsrIn, request: Request, engine: EngineDep) -> Any:
     translate.check_vendor(body)
-    if body.audio.url is not None:  # a bad URL is a 400 whatever the model
-        await vet_media_url(body.audio.url.strip(), engine.settings, "audio.url", AUDIO)
-    model = engine.registry.model_or_default(body.model, "stt")
-    resolve_source(engine.registry.resolve(model))  # not installed: 503 before any fetch
-    audio = await _audio_bytes(body.audio, engine)
+    url = body.audio.url.strip() if body.audio.url is not None else None
+    data_uri = None if url is not None else _audio_data_uri(body.audio)
+    audio = await engine.speech.fetch_audio(body.model, url, data_uri, "audio")
     with renamed_params({"file": "audio"}):
-        result = await engine.transcribe(
-            TranscriptionRequest(model=model, audio=audio, language=body.language)
+        result = await engine.speech.transcribe(
+            TranscriptionRequest(model=body.model, audio=audio, language=body.language)
         )
-    meta = translate.metadata(translate.new_request_id(), engine.registry.resolve(model).id)
+    meta = translate.metadata(translate.new_request_id(), result.served_by)
     return JSON(translate.transcript_json(result, meta))
 
 

@@ -15,10 +15,11 @@ from engine.contracts.chat import (
     SamplingParams,
 )
 from engine.contracts.speech import Transcription
+from engine.core.digest import digest
 from engine.core.errors import InvalidRequestError
-from engine.gateway.cache import CachePolicy, digest
+from engine.gateway.cache import CachePolicy
 from engine.gateway.routing import Router
-from engine.jobs.runner import Job
+from engine.jobs.store import Job
 from server.infrai.schemas import Body, ChatIn, MediaRef, NamedToolChoice, VisionIn
 from server.tools_wire import history_calls, output_constraint, tool_calls_json
 

@@ -10,9 +10,8 @@ from fastapi.responses import FileResponse
 from pydantic import Field
 
 from engine.contracts.images import MAX_GUIDANCE
-from engine.core.errors import ConflictError
 from engine.core.registry import Task
-from engine.jobs.runner import JOB_STATUSES, Job
+from engine.jobs.store import JOB_STATUSES, Job
 from server.deps import EngineDep, public_base_url, require_api_key
 from server.openai.schemas import WireModel
 from server.openapi import JSON_EXACT, NonBlank, Published
@@ -53,7 +52,7 @@ class MusicGenerationIn(WireModel):
 def job_json(job: Job, base_url: str) -> dict[str, Any]:
     result = None
     if job.result:
-        result = {**job.result, "url": base_url + job.result["url"]}
+        result = {**job.result, "url": f"{base_url}/v1/generations/{job.id}/content"}
     return {
         "object": "generation.job", "job_id": job.id, "id": job.id, "kind": job.kind,
         "model": job.model, "provider": "ember", "status": job.status,
@@ -76,8 +75,7 @@ def _params(body: WireModel) -> dict[str, Any]:
 
 async def _submit(task: Task, body: VideoGenerationIn | MusicGenerationIn, request: Request,
                   engine: Any, idempotency_key: str | None) -> Any:
-    model = engine.registry.model_or_default(body.model, task)
-    job, created = await engine.jobs.submit(task, model, _params(body), idempotency_key)
+    job, created = await engine.jobs.submit(task, body.model, _params(body), idempotency_key)
     status = 202 if created else 200
     return JSON(job_json(job, public_base_url(request, engine)), status_code=status)
 
@@ -130,9 +128,5 @@ async def delete_generation(job_id: str, request: Request, engine: EngineDep) ->
 
 @router.get("/generations/{job_id}/content")
 async def generation_content(job_id: str, engine: EngineDep) -> Any:
-    job = await engine.jobs.get(job_id)
-    if job.status != "completed" or not job.result:
-        raise ConflictError(f"Job {job_id!r} is {job.status}; it has no file yet",
-                            param="job_id")
-    artifact = engine.artifacts.get(job.result["file_id"])
+    artifact = await engine.jobs.content(job_id)
     return FileResponse(artifact.path, media_type=artifact.media_type, filename=artifact.filename)

@@ -3,7 +3,6 @@ the response with `url` (a file in the artifact store) or `b64_json` items."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from typing import Annotated, Any, Literal
@@ -13,7 +12,6 @@ from pydantic import Field
 
 from engine.contracts.images import MAX_GUIDANCE, ImageMode, ImageRequest, ImageResult
 from engine.core.errors import InvalidRequestError
-from engine.core.registry import Registry
 from engine.service import Engine
 from server.deps import file_url
 from server.forms import read_form, validate_form
@@ -54,12 +52,12 @@ class ImageVariationForm(ImageFields):
 
 
 def image_request(
-    body: ImageFields, registry: Registry, mode: ImageMode, prompt: str = "",
+    body: ImageFields, mode: ImageMode, prompt: str = "",
     image: bytes | None = None, mask: bytes | None = None,
 ) -> ImageRequest:
     width, height = parse_size(body.size)
     return ImageRequest(
-        model=registry.model_or_default(body.model, "image"), prompt=prompt, mode=mode,
+        model=body.model, prompt=prompt, mode=mode,
         n=body.n, width=width, height=height, steps=body.num_inference_steps,
         guidance_scale=body.guidance_scale,
         negative_prompt=body.negative_prompt, seed=body.seed, quality=body.quality,
@@ -68,7 +66,7 @@ def image_request(
 
 
 async def read_edit_form(
-    request: Request, registry: Registry, mode: Literal["edit", "variation"]
+    request: Request, mode: Literal["edit", "variation"]
 ) -> tuple[ImageFields, ImageRequest]:
     fields, files = await read_form(request, ("image", "mask"))
     if "image" not in files:
@@ -78,24 +76,25 @@ async def read_edit_form(
         )
     if mode == "edit":
         edit = validate_form(ImageEditForm, fields)
-        return edit, image_request(edit, registry, "edit", edit.prompt, files["image"],
-                                   files.get("mask"))
+        return edit, image_request(edit, "edit", edit.prompt, files["image"], files.get("mask"))
     variation = validate_form(ImageVariationForm, fields)
-    return variation, image_request(variation, registry, "variation", "", files["image"])
+    return variation, image_request(variation, "variation", "", files["image"])
 
 
-async def images_response(
+def keeps_files(body: ImageFields) -> bool:
+    """Whether the images are to be kept in the file store (to be fetched by URL)."""
+    return body.response_format != "b64_json"
+
+
+def images_response(
     result: ImageResult, body: ImageFields, request: Request, engine: Engine
 ) -> dict[str, Any]:
     data = []
     for image in result.images:
         item: dict[str, Any] = {"revised_prompt": result.prompt, "seed": image.seed}
-        if body.response_format == "b64_json":
+        if image.file_id is None:
             item["b64_json"] = base64.b64encode(image.data).decode()
         else:
-            artifact = await asyncio.to_thread(
-                engine.artifacts.put, image.data, image.media_type, image.suffix
-            )
-            item["url"] = file_url(request, engine, artifact.id)
+            item["url"] = file_url(request, engine, image.file_id)
         data.append(item)
     return {"created": int(time.time()), "data": data, "output_format": body.output_format}

@@ -123,7 +123,7 @@ def moderation_json(result: ModerationResult) -> dict[str, Any]:
 async def rerank(body: RerankRequestIn, request: Request, engine: EngineDep) -> Any:
     body.note_unknown(request.url.path)
     documents = document_texts(body.documents)
-    result = await engine.rerank(RerankRequest(
+    result = await engine.ranking.rerank(RerankRequest(
         model=body.model, query=body.query, documents=documents, top_n=body.top_n))
     return JSON(rerank_json(result, documents, body.return_documents))
 
@@ -132,6 +132,6 @@ async def rerank(body: RerankRequestIn, request: Request, engine: EngineDep) -> 
 @cancel_on_disconnect
 async def moderations(body: ModerationRequestIn, request: Request, engine: EngineDep) -> Any:
     body.note_unknown(request.url.path)
-    result = await engine.moderate(
+    result = await engine.ranking.moderate(
         ModerationRequest(model=body.model, texts=moderation_texts(body.input)))
     return JSON(moderation_json(result))

@@ -17,7 +17,7 @@ from engine.contracts.speech import TranscriptionInfo, TranscriptSegment
 from engine.core.audio_codec import MEDIA_TYPES
 from engine.core.manager import ModelStatus
 from engine.service import Engine
-from engine.speech.service import encoded_speech, list_voices
+from engine.speech.service import encoded_speech
 from server.cancellation import cancel_on_disconnect, unless_disconnected
 from server.deps import EngineDep, require_api_key
 from server.errors import openai_envelope
@@ -44,9 +44,9 @@ async def chat_completions(
     body.note_unknown(request.url.path)
     gen = translate.chat_request(body)
     if not body.stream:
-        result = await engine.generate(gen)
+        result = await engine.generation.generate(gen)
         return JSON(translate.chat_response(body.model, gen.request_id, result))
-    events = await prime(engine.stream(gen))
+    events = await prime(engine.generation.stream(gen))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     frames = _chat_frames(body.model, gen.request_id, body.n, include_usage, events)
     return sse_response(frames, openai_envelope)
@@ -86,9 +86,9 @@ async def completions(
     gens = translate.completion_requests(body)
     request_id = gens[0].request_id
     if not body.stream:
-        results = await engine.generate_all(gens)
+        results = await engine.generation.generate_all(gens)
         return JSON(translate.completion_response(body.model, request_id, results))
-    events = await prime(engine.stream_all(gens))
+    events = await prime(engine.generation.stream_all(gens))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     frames = _completion_frames(body, request_id, include_usage, events)
     return sse_response(frames, openai_envelope)
@@ -124,7 +124,7 @@ async def embeddings(
     body: EmbeddingRequestIn, request: Request, engine: EngineDep
 ) -> Any:
     body.note_unknown(request.url.path)
-    result = await engine.embed(translate.embedding_request(body))
+    result = await engine.embeddings.embed(translate.embedding_request(body))
     return JSON(translate.embedding_response(body.model, result, body.encoding_format))
 
 
@@ -151,9 +151,9 @@ async def _transcript(
 
     async def transcribed() -> Any:
         if body.stream:
-            events = await prime(engine.transcribe_stream(job))
+            events = await prime(engine.speech.transcribe_stream(job))
             return sse_response(_transcript_frames(events), openai_envelope)
-        result = await engine.transcribe(job)
+        result = await engine.speech.transcribe(job)
         if body.response_format in ("json", "verbose_json"):
             return JSON(audio.transcript_json(result, body))
         return PlainTextResponse(audio.transcript_text(result, body.response_format))
@@ -179,7 +179,7 @@ async def _transcript_frames(
 @cancel_on_disconnect
 async def speech(body: audio.SpeechRequestIn, request: Request, engine: EngineDep) -> Any:
     body.note_unknown(request.url.path)
-    chunks = await prime(engine.speak(audio.speech_request(body)))
+    chunks = await prime(engine.speech.speak(audio.speech_request(body)))
     encoded = encoded_speech(chunks, body.response_format)
     if body.stream_format == "sse":
         return sse_response(_speech_events(encoded), openai_envelope)
@@ -196,7 +196,7 @@ async def _speech_events(encoded: AsyncIterator[bytes]) -> AsyncIterator[dict[st
 @router.get("/audio/voices")
 async def voices(engine: EngineDep) -> Any:
     """ember extension: every text-to-speech voice, with the names that map onto it."""
-    return {"object": "list", "data": [asdict(v) for v in list_voices(engine.registry)]}
+    return {"object": "list", "data": [asdict(v) for v in engine.speech.voices()]}
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -208,10 +208,9 @@ async def image_generations(
     body: images.ImageGenerationIn, request: Request, engine: EngineDep
 ) -> Any:
     body.note_unknown(request.url.path)
-    job = images.image_request(body, engine.registry, "generate", body.prompt)
-    result = await engine.generate_images(job)
-    return JSON(await images.images_response(
-        result, body, request, engine))
+    job = images.image_request(body, "generate", body.prompt)
+    result = await engine.images.generate(job, keep=images.keeps_files(body))
+    return JSON(images.images_response(result, body, request, engine))
 
 
 @router.post("/images/edits",
@@ -229,12 +228,12 @@ async def image_variations(request: Request, engine: EngineDep) -> Any:
 async def _image_from_image(
     request: Request, engine: Engine, mode: Literal["edit", "variation"]
 ) -> Any:
-    body, job = await images.read_edit_form(request, engine.registry, mode)
+    body, job = await images.read_edit_form(request, mode)
     body.note_unknown(request.url.path)
 
     async def edited() -> Any:
-        result = await engine.generate_images(job)
-        return JSON(await images.images_response(result, body, request, engine))
+        result = await engine.images.generate(job, keep=images.keeps_files(body))
+        return JSON(images.images_response(result, body, request, engine))
 
     # The form is read: from here on, `receive` carries only the client's disconnect.
     return await unless_disconnected(request, edited())
@@ -245,7 +244,7 @@ async def _image_from_image(
 
 @router.get("/files/{file_id}")
 async def file_info(file_id: str, engine: EngineDep) -> Any:
-    artifact = engine.artifacts.get(file_id)
+    artifact = engine.files.get(file_id)
     return {"id": artifact.id, "object": "file", "bytes": artifact.bytes,
             "created_at": artifact.created_at, "expires_at": artifact.expires_at,
             "filename": artifact.filename, "purpose": "output", "status": "processed"}
@@ -253,7 +252,7 @@ async def file_info(file_id: str, engine: EngineDep) -> Any:
 
 @router.get("/files/{file_id}/content")
 async def file_content(file_id: str, engine: EngineDep) -> Any:
-    artifact = engine.artifacts.get(file_id)
+    artifact = engine.files.get(file_id)
     return FileResponse(artifact.path, media_type=artifact.media_type,
                         filename=artifact.filename)
 
@@ -268,23 +267,21 @@ def _model_json(status: ModelStatus) -> dict[str, Any]:
 
 @router.get("/models")
 async def list_models(engine: EngineDep) -> Any:
-    return {"object": "list", "data": [_model_json(s) for s in engine.manager.status()]}
+    return {"object": "list", "data": [_model_json(s) for s in engine.models.list()]}
 
 
 @router.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, engine: EngineDep) -> Any:
-    return _model_json(engine.manager.status_of(model_id))
+    return _model_json(engine.models.status(model_id))
 
 
 @router.post("/models/load")
 async def load_model(body: LoadRequest, engine: EngineDep) -> Any:
     """ember extension: load a model now rather than on its first request."""
-    await engine.manager.load(body.model)
-    return _model_json(engine.manager.status_of(body.model))
+    return _model_json(await engine.models.load(body.model))
 
 
 @router.post("/models/unload")
 async def unload_model(body: LoadRequest, engine: EngineDep) -> Any:
     """ember extension: unload a model and free its memory (409 while it serves requests)."""
-    await engine.manager.unload(body.model)
-    return _model_json(engine.manager.status_of(body.model))
+    return _model_json(await engine.models.unload(body.model))

@@ -22,7 +22,6 @@ from engine.contracts.embeddings import EmbeddingRequest
 from engine.contracts.images import ImageRequest
 from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
 from engine.generation.tool_calls import join_deltas
-from models.embeddings import truncate_dimensions
 from server.cancellation import cancel_on_disconnect
 from server.deps import EngineDep
 from server.gateway import renamed_params
@@ -44,7 +43,7 @@ async def chat(body: ChatIn, raw_request: Request, engine: EngineDep) -> Any:
     the gateway documents)."""
     request = translate.chat_request(body)
     with renamed_params(translate.CHAT_PARAMS):
-        result = await engine.generate(request)
+        result = await engine.generation.generate(request)
     return JSON(translate.chat_response(body, request.request_id, result))
 
 
@@ -55,7 +54,7 @@ async def chat_stream(body: ChatIn, raw_request: Request, engine: EngineDep) -> 
     finishReason, usage}`, then `[DONE]`."""
     request = translate.chat_request(body)
     with renamed_params(translate.CHAT_PARAMS):
-        events = await prime(engine.stream(request))
+        events = await prime(engine.generation.stream(request))
     return sse_response(_chat_frames(body, request, events), quant_envelope)
 
 
@@ -85,10 +84,11 @@ async def embeddings(body: EmbeddingsIn, raw_request: Request, engine: EngineDep
     `dimension` reports the size returned."""
     texts = translate.embedding_texts(body.input, body.normalize)
     with renamed_params({"model": "modelId"}):
-        result = await engine.embed(EmbeddingRequest(model=body.model_id, texts=texts))
-    vectors = truncate_dimensions(result.vectors, body.dimensions)
+        result = await engine.embeddings.embed(EmbeddingRequest(
+            model=body.model_id, texts=texts, dimensions=body.dimensions,
+            dimensions_at_most=True))
     return JSON(translate.embeddings_response(body.model_id, isinstance(body.input, str),
-                                              vectors, result.prompt_tokens))
+                                              result.vectors, result.prompt_tokens))
 
 
 @router.post("/image-generation")
@@ -98,7 +98,7 @@ async def image_generation(
 ) -> Any:
     with renamed_params(translate.image_params(body.task_type)):
         job = await _image_request(body)
-        result = await engine.generate_images(job)
+        result = await engine.images.generate(job)
     images = [base64.b64encode(picture.data).decode() for picture in result.images]
     return JSON({"images": images, "maskImage": None, "error": None})
 

@@ -14,7 +14,7 @@ import torch
 
 from engine.contracts.base import LoadContext
 from engine.core.registry import ModelEntry
-from engine.service import prompt_input
+from engine.generation.service import prompt_input
 from models.vision import VisionChat
 from tests.tiny_models import build_tiny_llava, build_tiny_qwen2_vl, build_tiny_smolvlm
 from tests.vision_checks import generate_greedy, image_request, serve_greedy

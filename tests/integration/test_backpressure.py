@@ -98,7 +98,7 @@ async def test_a_thousand_cancelled_requests_leave_nothing_behind(
                 model="tiny-chat", prompt=f"Hello {index}",
                 params=SamplingParams(max_tokens=100, temperature=0.8, ignore_eos=True),
             )
-            events = engine.stream(request)
+            events = engine.generation.stream(request)
             await anext(events)
             await events.aclose()
 

@@ -188,7 +188,7 @@ async def test_closing_a_stream_stops_its_work_and_frees_the_lease(
         model=chat_model, prompt="Hello world",
         params=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
     )
-    events = engine.stream(request)
+    events = engine.generation.stream(request)
     first = await anext(events)
     assert isinstance(first, TextDelta | ChoiceFinished)
     await events.aclose()  # what a client disconnect does to the response generator

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from engine.core.settings import Settings
-from engine.service import prompt_input
+from engine.generation.service import prompt_input
 from tests.conftest import Served, http_server_thread, serve_in_process
 from tests.vision_checks import generate_greedy, image_request
 

@@ -143,6 +143,6 @@ async def test_stream_yields_results_in_order_and_closing_withdraws_the_rest() -
     await asyncio.sleep(0.05)
     release.set()
     assert await first == "D"
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     await asyncio.sleep(0.05)
     assert batcher.pending == 0

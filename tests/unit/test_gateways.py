@@ -31,6 +31,7 @@ from engine.gateway.cache import IdempotencyStore, ResponseCache, TTLStore
 from engine.gateway.routing import Router, RouteTable
 from engine.jobs import chat as chat_jobs
 from engine.jobs.runner import _until_cancelled
+from engine.runners import make_runner
 from server.quantcdn import translate as quant
 from server.quantcdn.schemas import ImageGenerationIn
 
@@ -56,7 +57,7 @@ def router(tmp_path: Path) -> Iterator[Router]:
         ModelEntry(id="hub-only", task="chat", adapter="models.chat:TransformersChat",
                    source="nobody/not-downloaded-anywhere"),
     ])
-    manager = ModelManager(Settings(preload=[]), registry)
+    manager = ModelManager(Settings(preload=[]), registry, make_runner)
     rules = {"balanced": "first", "cheapest": "smallest", "smartest": "largest"}
     tables = {"chat": RouteTable(tasks={"general": ["*"], "coding": ["large", "*"],
                                         "tiny": ["hub-only"]}, prefer=rules)}
@@ -87,7 +88,7 @@ def test_unknown_task_or_prefer_is_a_400_naming_it(router: Router) -> None:
 def test_the_packaged_table_loads_and_routes_to_the_default_chat_model() -> None:
     settings = Settings(preload=[])
     registry = Registry.from_settings(settings)
-    manager = ModelManager(settings, registry)
+    manager = ModelManager(settings, registry, make_runner)
     try:
         routed = Router.from_settings(settings, registry, manager)
         assert set(routed.tables) == {"chat", "vision", "image"}

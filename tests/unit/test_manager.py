@@ -18,6 +18,7 @@ from engine.core.errors import ConflictError, ModelLoadError, ModelUnavailableEr
 from engine.core.manager import ModelManager
 from engine.core.registry import ModelEntry, Registry
 from engine.core.settings import Settings
+from engine.runners import make_runner
 from models.base import ModelAdapter
 
 MB = 2**20
@@ -51,7 +52,8 @@ def entry(model_id: str, mb: float = 10, **options: Any) -> ModelEntry:
 def manager_for(entries: list[ModelEntry], tmp_path: Path, **settings: Any) -> ModelManager:
     CountingAdapter.loads = {}
     values = {"models_dir": tmp_path, "data_dir": tmp_path, "preload": [], **settings}
-    return ModelManager(Settings(**values), Registry(entries), adapter_factory=CountingAdapter)
+    return ModelManager(Settings(**values), Registry(entries), make_runner,
+                        adapter_factory=CountingAdapter)
 
 
 def states(manager: ModelManager) -> dict[str, str]:
@@ -168,10 +170,11 @@ async def test_load_unload_cycles_free_the_real_model(
 ) -> None:
     """Unloading drops every reference: the torch module is garbage-collected each cycle."""
     settings = make_settings()
-    manager = ModelManager(settings, Registry.from_file(settings.registry_file))  # type: ignore[arg-type]
+    manager = ModelManager(settings, Registry.from_file(settings.registry_file),  # type: ignore[arg-type]
+                           make_runner)
     for _ in range(3):
         async with manager.lease("tiny-chat") as slot:
-            module_ref = weakref.ref(slot.adapter.model)
+            module_ref = weakref.ref(slot.adapter.model)  # type: ignore[union-attr]
             assert slot.memory_bytes > 0
         await manager.unload("tiny-chat")
         gc.collect()
