@@ -9,9 +9,10 @@ import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from pydantic import ConfigDict, ValidationError
 from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
@@ -20,6 +21,30 @@ from engine.core.devices import release_device_memory
 from engine.core.errors import EmberError, ModelLoadError
 from engine.core.registry import ModelEntry
 from engine.core.sources import resolve_source
+
+T = TypeVar("T")
+
+
+class AnyOptions(AdapterOptions):
+    """What an adapter that names no options model of its own takes: any keys, unchecked
+    (test doubles). Every adapter of configs/models.yaml names its own."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def options_error(entry: ModelEntry, model: type[AdapterOptions],
+                  error: ValidationError) -> ModelLoadError:
+    """A registry entry's bad `options:`, as a load error naming the entry and each key."""
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            known = ", ".join(model.model_fields) or "none"
+            problems.append(f"options.{key} is not an option of {entry.adapter} "
+                            f"(its options: {known})")
+        else:
+            problems.append(f"options.{key}: {item['msg']} (got {item.get('input')!r})")
+    return ModelLoadError(f"registry entry {entry.id!r}: {'; '.join(problems)}")
 
 
 def thread_safe_encoder(tokenizer: Any) -> Tokenizer:
@@ -109,12 +134,47 @@ class ModelAdapter:
         if "load" in cls.__dict__:
             cls.load = _explaining_corrupt_weights(cls.__dict__["load"])  # type: ignore[assignment]
 
-    options_model: ClassVar[type[AdapterOptions]] = AdapterOptions
+    options_model: ClassVar[type[AdapterOptions]] = AnyOptions
+
+    options: AdapterOptions  # each adapter narrows it to its `options_model`
 
     def __init__(self, entry: ModelEntry, context: LoadContext):
         self.entry = entry
         self.context = context
+        self.options = self.parsed_options(entry)
         self.model: Any = None
+
+    @classmethod
+    def parsed_options(cls, entry: ModelEntry) -> AdapterOptions:
+        """The entry's `options:` as this adapter's `options_model`. An unknown key or a value
+        of the wrong type is a ModelLoadError naming the entry and the key."""
+        try:
+            return cls.options_model.model_validate(entry.options)
+        except ValidationError as exc:
+            raise options_error(entry, cls.options_model, exc) from exc
+
+    def pretrained(self, load: Callable[..., T], path: str | Path,
+                   errors: tuple[type[Exception], ...] = (OSError, ValueError),
+                   **kwargs: Any) -> T:
+        """`load(path, local_files_only=True, trust_remote_code=<the entry's>, **kwargs)`: a
+        checkpoint read from the local cache only (a `from_pretrained`, a sentence-transformers
+        class). Any of `errors` is a ModelLoadError naming the model and the path."""
+        try:
+            return load(path, local_files_only=True,
+                        trust_remote_code=self.entry.trust_remote_code, **kwargs)
+        except errors as exc:
+            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+
+    def diffusers_pipeline(self, factory: Any) -> tuple[Any, str]:
+        """`factory.from_pretrained` (a diffusers pipeline class) over the entry's folder in the
+        load's dtype, safetensors only, its progress bars off; and the folder."""
+        path = resolve_source(self.entry)
+        pipeline = self.pretrained(
+            factory.from_pretrained, path, (OSError, ValueError, ImportError),
+            torch_dtype=self.context.dtype, use_safetensors=True,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline, path
 
     def load(self) -> None:
         raise NotImplementedError

@@ -14,13 +14,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from engine.contracts.chat import ChatMessage, PrefillChunk, PromptInput, StepPlan, ToolSpec
+from engine.contracts.base import AdapterOptions
+from engine.contracts.chat import (
+    ChatMessage,
+    ChatOptions,
+    PrefillChunk,
+    PromptInput,
+    StepPlan,
+    ToolSpec,
+)
 from engine.contracts.chat_templates import detect_format, template_turns, tool_schemas
 from engine.core.errors import ModelLoadError, UnsupportedFeatureError
 from engine.core.sources import assemble, file_fingerprint
@@ -42,8 +50,18 @@ class _Rows:
 
 
 class TransformersChat(ModelAdapter):
-    """Any `AutoModelForCausalLM` checkpoint (safetensors dir, HF id, or a GGUF file that is
-    de-quantized once into the model cache)."""
+    """A `ChatBackend`: any `AutoModelForCausalLM` checkpoint (safetensors dir, HF id, or a
+    GGUF file that is de-quantized once into the model cache). Options: `ChatOptions`
+    (engine/contracts/chat.py; the llama.cpp ones are for an entry llama.cpp may serve)."""
+
+    options_model: ClassVar[type[AdapterOptions]] = ChatOptions
+    options: ChatOptions
+    # The `ChatBackend` attributes, set by `load`.
+    context_length: int
+    vocab_size: int
+    eos_ids: frozenset[int]
+    kv_capacity: int
+    max_sequences: int
 
     def load(self) -> None:
         path = str(assemble(self.entry, self.context.models_dir))  # parts joined, if any

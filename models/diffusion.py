@@ -17,15 +17,21 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from engine.contracts.images import MAX_GUIDANCE, MIN_SIDE, SIDE_MULTIPLE, ImageRequest
-from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
+from engine.contracts.base import AdapterOptions
+from engine.contracts.images import (
+    MAX_GUIDANCE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    DiffusionOptions,
+    ImageRequest,
+)
+from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
 from engine.core.image_codec import decode_image
-from engine.core.sources import resolve_source
 from models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -57,31 +63,25 @@ class ImageJob:
 
 
 class DiffusionImages(ModelAdapter):
-    """Registry `options` (the model's right defaults and limits): `default_size` [w, h],
-    `max_side`, `default_steps`, `max_steps`, `default_guidance`, `max_prompt_chars`."""
+    """An `ImageGenerator`. Options: `DiffusionOptions` (engine/contracts/images.py), the
+    model's right defaults and limits."""
+
+    options_model: ClassVar[type[AdapterOptions]] = DiffusionOptions
+    options: DiffusionOptions
 
     def load(self) -> None:
         from diffusers import AutoPipelineForText2Image
 
-        path = resolve_source(self.entry)
-        try:
-            pipeline = AutoPipelineForText2Image.from_pretrained(
-                path, torch_dtype=self.context.dtype, local_files_only=True,
-                trust_remote_code=self.entry.trust_remote_code, use_safetensors=True,
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline, _ = self.diffusers_pipeline(AutoPipelineForText2Image)
         self.model = pipeline.to(self.context.device)
         self._pipelines: dict[str, Any] = {"text": self.model}
-        options = self.entry.options
-        width, height = options.get("default_size", [512, 512])
-        self.default_size = (int(width), int(height))
-        self.max_side = int(options.get("max_side", max(self.default_size)))
-        self.default_steps = int(options.get("default_steps", 30))
-        self.max_steps = int(options.get("max_steps", 100))
-        self.default_guidance = float(options.get("default_guidance", 7.5))
-        self.max_prompt_chars = int(options.get("max_prompt_chars", 4000))
+        options = self.options
+        self.default_size = options.default_size
+        self.max_side = options.max_side or max(self.default_size)
+        self.default_steps = options.default_steps
+        self.max_steps = options.max_steps
+        self.default_guidance = options.default_guidance
+        self.max_prompt_chars = options.max_prompt_chars
 
     def unload(self) -> None:
         self._pipelines = {}

@@ -2,37 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from engine.contracts.embeddings import EmbeddingRequest
-from engine.core.errors import ContextLengthExceededError, InvalidRequestError, ModelLoadError
+from engine.contracts.base import AdapterOptions
+from engine.contracts.embeddings import EmbeddingOptions, EmbeddingRequest
+from engine.core.errors import ContextLengthExceededError, InvalidRequestError
 from engine.core.sources import resolve_source
 from models.base import ModelAdapter, thread_safe_encoder
 
 
-class SentenceTransformerEmbeddings(ModelAdapter):
-    """Vectors are L2-normalized (as OpenAI's are); `dimensions` truncates and re-normalizes.
-    None of the packaged models is Matryoshka-trained, so short vectors rank less well."""
+def sentence_transformers_model(adapter: ModelAdapter, cls: type[Any],
+                                errors: tuple[type[Exception], ...]) -> Any:
+    """A sentence-transformers model (`SentenceTransformer`, `CrossEncoder`) of the entry, on
+    the load's device and in its dtype, safetensors only, in eval mode."""
+    context = adapter.context
+    model = adapter.pretrained(
+        cls, resolve_source(adapter.entry), errors, device=context.device,
+        model_kwargs={"dtype": context.dtype, "use_safetensors": True},
+    )
+    model.eval()
+    return model
 
+
+class SentenceTransformerEmbeddings(ModelAdapter):
+    """An `Embedder`. Vectors are L2-normalized (as OpenAI's are); `dimensions` truncates and
+    re-normalizes. None of the packaged models is Matryoshka-trained, so short vectors rank
+    less well."""
+
+    options_model: ClassVar[type[AdapterOptions]] = EmbeddingOptions
     model: SentenceTransformer
 
     def load(self) -> None:
-        path = resolve_source(self.entry)
-        try:
-            self.model = SentenceTransformer(
-                path,
-                device=self.context.device,
-                trust_remote_code=self.entry.trust_remote_code,
-                model_kwargs={"dtype": self.context.dtype, "use_safetensors": True},
-                local_files_only=True,
-            )
-        except OSError as exc:
-            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
-        self.model.eval()
+        self.model = sentence_transformers_model(self, SentenceTransformer, (OSError,))
         self.tokenizer: Any = self.model.tokenizer
         self._encoder = thread_safe_encoder(self.tokenizer)
         self.dimensions = int(self.model.get_embedding_dimension() or 0)

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -31,8 +31,15 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.contracts.base import LoadContext
-from engine.contracts.chat import ChatMessage, PrefillChunk, PromptInput, StepPlan, ToolSpec
+from engine.contracts.base import AdapterOptions, LoadContext
+from engine.contracts.chat import (
+    ChatMessage,
+    ChatOptions,
+    PrefillChunk,
+    PromptInput,
+    StepPlan,
+    ToolSpec,
+)
 from engine.contracts.chat_templates import detect_format, template_turns, tool_schemas
 from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.core.registry import ModelEntry
@@ -151,8 +158,18 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 class LlamaCppChat(ModelAdapter):
-    """A chat model from a GGUF file, on llama.cpp. Sequence ids from the core are mapped
-    onto llama.cpp's sequence slots 0 .. max_sequences - 1."""
+    """A `ChatBackend`: a chat model from a GGUF file, on llama.cpp. Sequence ids from the
+    core are mapped onto llama.cpp's sequence slots 0 .. max_sequences - 1. Options:
+    `ChatOptions` (engine/contracts/chat.py; `kv_unified`, `flash_attn`)."""
+
+    options_model: ClassVar[type[AdapterOptions]] = ChatOptions
+    options: ChatOptions
+    # The `ChatBackend` attributes, set by `load`.
+    context_length: int
+    vocab_size: int
+    eos_ids: frozenset[int]
+    kv_capacity: int
+    max_sequences: int
 
     def __init__(self, entry: ModelEntry, context: LoadContext):
         super().__init__(entry, context)
@@ -177,7 +194,7 @@ class LlamaCppChat(ModelAdapter):
         if not path.is_file() or path.suffix != ".gguf":
             raise ModelLoadError(f"{self.entry.id!r}: GGUF file {path} not found")
         flash_attention = self._flash_attention()
-        self._kv_unified = bool(self.entry.options.get("kv_unified", False))
+        self._kv_unified = self.options.kv_unified
         init_llama_cpp()
         threads = self.context.threads or default_threads()
         on_gpu = self.context.device.startswith("cuda")
@@ -245,14 +262,10 @@ class LlamaCppChat(ModelAdapter):
         turns it on on the CPU too) a token's logits depend slightly on how its batch was cut
         (up to ~1 logit on SmolLM2), so greedy text would change with the traffic; off, every
         batching gives bit-identical logits, for a larger compute buffer."""
-        choice = self.entry.options.get("flash_attn", False)
         modes = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
                  True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                  False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
-        if not isinstance(choice, bool | str) or choice not in modes:
-            raise ModelLoadError(f"{self.entry.id!r}: options.flash_attn must be auto, true "
-                                 f"or false, not {choice!r}")
-        return modes[choice]
+        return modes[self.options.flash_attn]
 
     def _read_vocab(self) -> None:
         vocab = llama_cpp.llama_model_get_vocab(self.model)

@@ -14,24 +14,26 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
+from engine.contracts.media import MediaOptions
 from engine.core.errors import InvalidRequestError, RequestCancelledError
+from engine.core.registry import ModelEntry
+from models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_S = 5.0
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 30.0
-DEFAULT_MAX_PROMPT_CHARS = 4000
 
 
-def prompt_param(params: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+def prompt_param(params: Mapping[str, Any], options: MediaOptions) -> str:
     prompt = params.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequestError("prompt is required and must be a non-empty string",
                                   param="prompt")
-    limit = int(options.get("max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS))
+    limit = options.max_prompt_chars
     if len(prompt) > limit:
         raise InvalidRequestError(
             f"prompt has {len(prompt)} characters; the limit is {limit}", param="prompt"
@@ -98,6 +100,37 @@ def seed_param(params: Mapping[str, Any]) -> int:
     if params.get("seed") is None:
         return secrets.randbelow(2**31)
     return integer_param(params, "seed", 0, low=0, high=MAX_SEED)
+
+
+class MediaAdapter(ModelAdapter):
+    """A job generator (`MediaGenerator`, engine/contracts/media.py): what its `validate`
+    checks for every task (prompt, duration, guidance, seed) is here; each task adds its own
+    fields in `task_params`."""
+
+    options: MediaOptions
+
+    @classmethod
+    def validate(cls, entry: ModelEntry, params: dict[str, Any]) -> dict[str, Any]:
+        """The request checked against the entry's limits, with its defaults filled in (a
+        seed chosen when it sets none). Idempotent: validating the result again returns it
+        unchanged."""
+        options = cast(MediaOptions, cls.parsed_options(entry))
+        prompt = prompt_param(params, options)
+        duration = number_param(
+            params, "duration", options.duration, low=0.0, high=options.max_duration,
+            low_inclusive=False, unit=" seconds",
+        )
+        own = cls.task_params(entry, options, params, duration)
+        guidance = number_param(params, "guidance_scale", options.default_guidance,
+                                low=0.0, high=MAX_GUIDANCE)
+        return {"prompt": prompt, "duration": duration, **own, "seed": seed_param(params),
+                "guidance_scale": guidance}
+
+    @classmethod
+    def task_params(cls, entry: ModelEntry, options: Any, params: Mapping[str, Any],
+                    duration: float) -> dict[str, Any]:
+        """The task's own fields, checked against `options` (its `options_model`)."""
+        raise NotImplementedError
 
 
 class StepProgress:

@@ -1,6 +1,6 @@
 """Text moderation: classifiers whose labels map onto OpenAI's moderation categories.
 
-Registry options shared by both adapters:
+Registry options shared by both adapters (`ModerationOptions`, engine/contracts/ranking.py):
 - `label_map`: classifier label → an OpenAI category, or a list of them (a category several
   labels map onto takes the highest score). Unmapped labels are ignored.
 - `thresholds`: category → score at or above which it is flagged (0.5 where not given).
@@ -14,12 +14,17 @@ limits) → batch items; `size_of(item)`; `batch(items)` on the compute thread �
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from engine.contracts.ranking import MODERATION_CATEGORIES
+from engine.contracts.base import AdapterOptions
+from engine.contracts.ranking import (
+    MODERATION_CATEGORIES,
+    ModerationOptions,
+    TransformersModerationOptions,
+)
 from engine.core.errors import ContextLengthExceededError, ModelLoadError
 from engine.core.sources import resolve_source
 from models.base import ModelAdapter
@@ -29,13 +34,18 @@ DEFAULT_THRESHOLD = 0.5
 
 
 class ModerationAdapter(ModelAdapter):
+    """A `Moderator` (engine/contracts/ranking.py)."""
+
+    options_model: ClassVar[type[AdapterOptions]] = ModerationOptions
+    options: ModerationOptions
     thresholds: dict[str, float]
 
     def _map_labels(self, labels: list[str], default_map: dict[str, Any]) -> None:
-        """Reads and checks `label_map` and `thresholds`, so a wrong entry fails at load with
-        the reason rather than on every request."""
-        options = self.entry.options
-        label_map = options.get("label_map", default_map)
+        """Checks `label_map` and `thresholds` against the classifier's labels and the
+        categories, so a wrong entry fails at load with the reason rather than on every
+        request."""
+        options = self.options
+        label_map = default_map if options.label_map is None else options.label_map
         self._columns: list[tuple[int, str]] = []  # (label's output column, category)
         for label, targets in label_map.items():
             if label not in labels:
@@ -51,10 +61,10 @@ class ModerationAdapter(ModelAdapter):
                 f"{self.entry.id!r}: none of its labels ({', '.join(labels)}) maps onto a "
                 "moderation category; set options.label_map"
             )
-        thresholds = options.get("thresholds", {})
+        thresholds = options.thresholds
         for category, value in thresholds.items():
             self._check_category(category, "thresholds")
-            if not isinstance(value, int | float) or not 0 <= value <= 1:
+            if not 0 <= value <= 1:
                 raise ModelLoadError(
                     f"{self.entry.id!r}: threshold of {category!r} must be between 0 and 1"
                 )
@@ -160,28 +170,23 @@ class TransformersModeration(ModerationAdapter):
     or the config's `problem_type` is single-label. Without `label_map`, labels that are
     OpenAI category names map onto themselves."""
 
+    options_model: ClassVar[type[AdapterOptions]] = TransformersModerationOptions
+    options: TransformersModerationOptions
+
     def load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_source(self.entry)
-        remote = self.entry.trust_remote_code
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                path, local_files_only=True, trust_remote_code=remote)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, trust_remote_code=remote, dtype=self.context.dtype,
-                use_safetensors=True)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        tokenizer = self.pretrained(AutoTokenizer.from_pretrained, path)
+        self.model = self.pretrained(AutoModelForSequenceClassification.from_pretrained, path,
+                                     dtype=self.context.dtype, use_safetensors=True)
         self.model.to(self.context.device).eval()
         config = self.model.config
         self._inputs = EncoderInputs(tokenizer)
         self.max_tokens = token_limit(tokenizer, config, self.entry.limits.context_length)
         single_label = config.problem_type == "single_label_classification"
-        self._activation = self.entry.options.get(
-            "activation", "softmax" if single_label else "sigmoid")
-        if self._activation not in ("sigmoid", "softmax"):
-            raise ModelLoadError(f"{self.entry.id!r}: activation must be sigmoid or softmax")
+        self._activation = self.options.activation or (
+            "softmax" if single_label else "sigmoid")
         labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         self._map_labels(labels, {label: label for label in labels
                                   if label in MODERATION_CATEGORIES})

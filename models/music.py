@@ -11,8 +11,9 @@ processor applies classifier-free guidance and the model's own top-k and tempera
 each token from the job's private generator, and hands `generate` (run greedy) scores that
 leave that one token.
 
-Registry `options`: `default_duration`, `max_duration` (seconds), `default_guidance`,
-`max_prompt_chars`.
+Registry `options`: `MusicOptions` (engine/contracts/media.py): `default_duration`,
+`max_duration` (seconds), `default_guidance` (MusicGen's own default is 3; 1 or less turns
+guidance off), `max_prompt_chars`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,15 +36,15 @@ from transformers import (
 )
 from transformers.generation.logits_process import ClassifierFreeGuidanceLogitsProcessor
 
+from engine.contracts.base import AdapterOptions
 from engine.contracts.chat import Sampling
-from engine.contracts.media import MediaResult
+from engine.contracts.media import MediaResult, MusicOptions
 from engine.core.audio_codec import MEDIA_TYPES, encode_audio
-from engine.core.errors import InvalidRequestError, ModelLoadError
+from engine.core.errors import InvalidRequestError
 from engine.core.registry import ModelEntry
 from engine.core.sampling import SamplerState, choose_tokens
 from engine.core.sources import resolve_source
-from models.base import ModelAdapter
-from models.media import MAX_GUIDANCE, StepProgress, number_param, prompt_param, seed_param
+from models.media import MediaAdapter, StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -89,54 +90,31 @@ class _TokenProgress(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-class MusicGen(ModelAdapter):
+class MusicGen(MediaAdapter):
     """MusicgenForConditionalGeneration with its processor; one job at a time."""
 
+    options_model: ClassVar[type[AdapterOptions]] = MusicOptions
+    options: MusicOptions
+
     @classmethod
-    def validate(cls, entry: ModelEntry, params: dict[str, Any]) -> dict[str, Any]:
-        """The request checked against the entry's limits, with its defaults filled in.
-        Idempotent: validating the result again returns it unchanged."""
-        options = entry.options
-        prompt = prompt_param(params, options)
-        max_duration = float(options.get("max_duration", 30.0))
-        duration = number_param(
-            params, "duration", float(options.get("default_duration", min(10.0, max_duration))),
-            low=0.0, high=max_duration, low_inclusive=False, unit=" seconds",
-        )
+    def task_params(cls, entry: ModelEntry, options: MusicOptions, params: Mapping[str, Any],
+                    duration: float) -> dict[str, Any]:
         response_format = params.get("response_format") or "wav"
         if response_format not in MUSIC_FORMATS:
             raise InvalidRequestError(
                 f"response_format must be one of {', '.join(MUSIC_FORMATS)}; "
                 f"got {response_format!r}", param="response_format",
             )
-        # MusicGen's own default is 3; 1 or less turns guidance off.
-        guidance = number_param(
-            params, "guidance_scale", float(options.get("default_guidance", 3.0)),
-            low=0.0, high=MAX_GUIDANCE,
-        )
-        return {
-            "prompt": prompt,
-            "duration": duration,
-            "response_format": response_format,
-            "seed": seed_param(params),
-            "guidance_scale": guidance,
-        }
+        return {"response_format": response_format}
 
     def load(self) -> None:
         from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
         path = resolve_source(self.entry)
-        remote = self.entry.trust_remote_code
-        try:
-            self.processor = AutoProcessor.from_pretrained(
-                path, local_files_only=True, trust_remote_code=remote
-            )
-            model = MusicgenForConditionalGeneration.from_pretrained(
-                path, dtype=self.context.dtype, local_files_only=True, trust_remote_code=remote,
-                use_safetensors=True,
-            )
-        except (OSError, ValueError, ImportError) as exc:
-            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        errors = (OSError, ValueError, ImportError)
+        self.processor = self.pretrained(AutoProcessor.from_pretrained, path, errors)
+        model = self.pretrained(MusicgenForConditionalGeneration.from_pretrained, path, errors,
+                                dtype=self.context.dtype, use_safetensors=True)
         self.model = model.to(self.context.device).eval()
         for module in self.model.modules():  # Encodec's LSTM: cuDNN wants one weight block
             if isinstance(module, torch.nn.RNNBase):

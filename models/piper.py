@@ -15,11 +15,12 @@ import subprocess
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from engine.contracts.speech import SpeechRequest
+from engine.contracts.base import AdapterOptions
+from engine.contracts.speech import PiperOptions, SpeechRequest
 from engine.core.errors import InvalidRequestError, ModelLoadError
 from engine.core.sources import resolve_source
 from models.base import ModelAdapter
@@ -105,8 +106,13 @@ def speakable(phonemes: str, id_map: dict[str, list[int]]) -> bool:
 
 
 class PiperVoice(ModelAdapter):
-    """Options (registry `options`): `voices` (name → {speaker, language}), `voice_aliases`
-    (other names → a voice, e.g. OpenAI's), `onnx_file` when the folder holds several."""
+    """A `Synthesizer`. Options: `PiperOptions` (engine/contracts/speech.py): `voices` (name →
+    {speaker, language}), `voice_aliases` (other names → a voice, e.g. OpenAI's), `onnx_file`
+    when the folder holds several."""
+
+    options_model: ClassVar[type[AdapterOptions]] = PiperOptions
+    options: PiperOptions
+    sample_rate: int
 
     def load(self) -> None:
         if shutil.which("espeak-ng") is None:
@@ -115,7 +121,7 @@ class PiperVoice(ModelAdapter):
                 "apt-get install espeak-ng (or brew install espeak-ng)"
             )
         folder = Path(resolve_source(self.entry))
-        onnx_file = self.entry.options.get("onnx_file")
+        onnx_file = self.options.onnx_file
         candidates = [folder / onnx_file] if onnx_file else sorted(folder.glob("*.onnx"))
         if not candidates or not candidates[0].is_file():
             raise ModelLoadError(f"{self.entry.id!r}: no .onnx voice in {folder}")
@@ -155,18 +161,20 @@ class PiperVoice(ModelAdapter):
     # -- voices ------------------------------------------------------------------------------
 
     def voice_names(self) -> list[str]:
-        return list(voices_of(self.entry.options)) or ["default"]
+        return list(self.options.voices) or ["default"]
 
     def _speaker(self, voice: str) -> int | None:
-        voices = voices_of(self.entry.options)
-        name = self.entry.options.get("voice_aliases", {}).get(voice, voice)
+        voices, aliases = self.options.voices, self.options.voice_aliases
+        name = aliases.get(voice, voice)
         if voices and name not in voices:
-            known = sorted([*voices, *self.entry.options.get("voice_aliases", {})])
+            known = sorted([*voices, *aliases])
             raise InvalidRequestError(
                 f"voice {voice!r} is not a voice of {self.entry.id!r}; choose one of: "
                 f"{', '.join(known)}", param="voice",
             )
-        return int(voices.get(name, {}).get("speaker", 0)) if self.multi_speaker else None
+        if not self.multi_speaker:
+            return None
+        return voices[name].speaker if name in voices else 0
 
     # -- the request thread ------------------------------------------------------------------
 
@@ -215,7 +223,3 @@ class PiperVoice(ModelAdapter):
             audio.append(np.concatenate([samples, silence]))
         return audio
 
-
-def voices_of(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    voices: dict[str, dict[str, Any]] = options.get("voices", {})
-    return voices

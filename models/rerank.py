@@ -15,16 +15,17 @@ document, in order.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
+from engine.contracts.base import AdapterOptions
+from engine.contracts.ranking import RerankOptions
 from engine.core.errors import ContextLengthExceededError, ModelLoadError
-from engine.core.sources import resolve_source
 from models.base import ModelAdapter
-from models.embeddings import SentenceTransformerEmbeddings
+from models.embeddings import SentenceTransformerEmbeddings, sentence_transformers_model
 from models.sequence import Encoded, EncoderInputs, token_limit
 
 
@@ -39,22 +40,14 @@ def too_long(param: str, tokens: int, limit: int, model_id: str, pair: bool = Fa
 
 
 class CrossEncoderRerank(ModelAdapter):
-    """Sequence-classification cross-encoders with one relevance logit (num_labels=1)."""
+    """A `Reranker`: sequence-classification cross-encoders with one relevance logit
+    (num_labels=1)."""
 
+    options_model: ClassVar[type[AdapterOptions]] = RerankOptions
     model: CrossEncoder
 
     def load(self) -> None:
-        path = resolve_source(self.entry)
-        try:
-            self.model = CrossEncoder(
-                path,
-                device=self.context.device,
-                trust_remote_code=self.entry.trust_remote_code,
-                model_kwargs={"dtype": self.context.dtype, "use_safetensors": True},
-                local_files_only=True,
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        self.model = sentence_transformers_model(self, CrossEncoder, (OSError, ValueError))
         head = self.model.model
         if head is None or not type(head).__name__.endswith("ForSequenceClassification"):
             raise ModelLoadError(
@@ -66,7 +59,6 @@ class CrossEncoderRerank(ModelAdapter):
                 f"{self.entry.id!r} has {self.model.num_labels} output labels; a reranker needs "
                 "one relevance score (num_labels=1)"
             )
-        self.model.eval()
         tokenizer = self.model.tokenizer
         self._inputs = EncoderInputs(tokenizer)
         self.max_tokens = token_limit(tokenizer, head.config, self.entry.limits.context_length)
@@ -104,8 +96,10 @@ class CrossEncoderRerank(ModelAdapter):
 
 
 class BiEncoderRerank(SentenceTransformerEmbeddings):
-    """Reranks with an embedding model: cosine of query and document vectors. Weaker than a
-    cross-encoder (the texts never see each other), but any embedding checkpoint serves."""
+    """A `Reranker` on an embedding model: cosine of query and document vectors. Weaker than
+    a cross-encoder (the texts never see each other), but any embedding checkpoint serves."""
+
+    options_model: ClassVar[type[AdapterOptions]] = RerankOptions
 
     def warmup(self) -> None:
         self.batch(self.prepare("warm up", ["warm up"]))

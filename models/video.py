@@ -1,11 +1,12 @@
 """Text to video on diffusers pipelines (LTX-Video, CogVideoX, Wan, zeroscope, ...), encoded to
 an H.264 mp4 with PyAV.
 
-Registry `options` (the model's right defaults and limits, read at submit time without the
-model): `default_size` [w, h], `size_multiple` (each side's multiple, default 8), `max_side`,
-`min_side`, `default_fps`, `max_fps`, `default_duration`, `max_duration` (seconds),
-`frame_rule`, `max_frames`, `default_steps`, `max_steps`, `default_guidance`,
-`default_negative_prompt`, `max_prompt_chars`; and for loading: `vae_dtype` (run the VAE in
+Registry `options`: `VideoOptions` (engine/contracts/media.py), the model's right defaults
+and limits, read at submit time without the model: `default_size` [w, h], `size_multiple`
+(each side's multiple, default 8), `max_side`, `min_side`, `default_fps`, `max_fps`,
+`default_duration`, `max_duration` (seconds), `frame_rule`, `max_frames`, `default_steps`,
+`max_steps`, `default_guidance`, `default_negative_prompt`, `max_prompt_chars`; and for
+loading: `vae_dtype` (run the VAE in
 another precision, e.g. float32 for Wan), `vae_tiling` (decode in tiles to save memory) and
 `pipeline_kwargs` (extra call arguments, passed when the pipeline takes them).
 
@@ -28,34 +29,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import av
 import numpy as np
 import torch
 from av.video.stream import VideoStream
 
-from engine.contracts.media import MediaResult
+from engine.contracts.base import AdapterOptions
+from engine.contracts.media import FRAME_RULE, MediaResult, VideoOptions
 from engine.core.errors import EmberError, InvalidRequestError, ModelLoadError
 from engine.core.registry import ModelEntry
-from engine.core.sources import resolve_source
-from models.base import ModelAdapter
-from models.media import (
-    MAX_GUIDANCE,
-    StepProgress,
-    integer_param,
-    number_param,
-    optional_text_param,
-    prompt_param,
-    seed_param,
-)
+from models.media import MediaAdapter, StepProgress, integer_param, optional_text_param
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIZE = (512, 512)
-DEFAULT_SIZE_MULTIPLE = 8
 DEFAULT_MIN_SIDE = 64
-_FRAME_RULE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 _PRESET_RESOLUTION = re.compile(r"^\s*(\d+)\s*p\s*$", re.IGNORECASE)
 _EXPLICIT_RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -71,7 +60,7 @@ class FrameRule:
     def parse(cls, rule: str, model_id: str) -> FrameRule:
         if rule.strip().lower() == "any":
             return cls(1, 0)
-        match = _FRAME_RULE.match(rule)
+        match = FRAME_RULE.match(rule)
         if match is None or int(match.group(1)) < 1:
             # A registry mistake, not the caller's: a server error naming the entry.
             raise EmberError(
@@ -91,15 +80,15 @@ class FrameRule:
         return self.step * k + self.offset if k >= 1 else 0
 
 
-def _resolution(value: Any, options: Mapping[str, Any]) -> tuple[int, int]:
+def _resolution(value: Any, options: VideoOptions) -> tuple[int, int]:
     """`"720p"` (the model's default aspect ratio, short side 720, rounded to its size
     multiple) or `"WIDTHxHEIGHT"` (exact; each side a multiple of the size multiple)."""
-    default_width, default_height = (int(v) for v in options.get("default_size", DEFAULT_SIZE))
-    multiple = int(options.get("size_multiple", DEFAULT_SIZE_MULTIPLE))
-    max_side = int(options.get("max_side", max(default_width, default_height)))
+    default_width, default_height = options.default_size
+    multiple = options.size_multiple
+    max_side = options.max_side or max(default_width, default_height)
     # The model's own default size is always allowed.
     smallest = min(DEFAULT_MIN_SIDE, default_width, default_height)
-    min_side = int(options.get("min_side", max(smallest, multiple)))
+    min_side = options.min_side or max(smallest, multiple)
     if value is None:
         return default_width, default_height
     if not isinstance(value, str):
@@ -175,83 +164,58 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str | None = None) -> tuple[
         return path.read_bytes(), codec
 
 
-class TextToVideo(ModelAdapter):
+class TextToVideo(MediaAdapter):
     """A diffusers text-to-video pipeline; one job at a time (the job queue calls `run`)."""
 
+    options_model: ClassVar[type[AdapterOptions]] = VideoOptions
+    options: VideoOptions
+
     @classmethod
-    def validate(cls, entry: ModelEntry, params: dict[str, Any]) -> dict[str, Any]:
-        """The request checked against the entry's limits, with its defaults filled in.
-        Idempotent: validating the result again returns it unchanged."""
-        options = entry.options
-        prompt = prompt_param(params, options)
+    def task_params(cls, entry: ModelEntry, options: VideoOptions, params: Mapping[str, Any],
+                    duration: float) -> dict[str, Any]:
         negative_prompt = optional_text_param(
-            params, "negative_prompt", options.get("default_negative_prompt")
+            params, "negative_prompt", options.default_negative_prompt
         )
-        max_fps = int(options.get("max_fps", 60))
-        fps = integer_param(params, "fps", int(options.get("default_fps", 8)), low=1, high=max_fps)
-        max_duration = float(options.get("max_duration", 10.0))
-        duration = number_param(
-            params, "duration", float(options.get("default_duration", min(4.0, max_duration))),
-            low=0.0, high=max_duration, low_inclusive=False, unit=" seconds",
-        )
-        rule = FrameRule.parse(str(options.get("frame_rule", "any")), entry.id)
+        fps = integer_param(params, "fps", options.default_fps, low=1, high=options.max_fps)
+        rule = FrameRule.parse(options.frame_rule, entry.id)
         frames = rule.nearest(duration * fps)
-        max_frames = options.get("max_frames")
-        if max_frames is not None and frames > int(max_frames):
-            longest = rule.at_most(int(max_frames)) / fps
+        max_frames = options.max_frames
+        if max_frames is not None and frames > max_frames:
+            longest = rule.at_most(max_frames) / fps
             raise InvalidRequestError(
                 f"duration {duration:g} s at {fps} fps needs {frames} frames; {entry.id!r} "
-                f"makes at most {int(max_frames)} (at most {longest:.2f} s at {fps} fps)",
+                f"makes at most {max_frames} (at most {longest:.2f} s at {fps} fps)",
                 param="duration",
             )
         width, height = _resolution(params.get("resolution"), options)
-        max_steps = int(options.get("max_steps", 100))
-        steps = integer_param(
-            params, "num_inference_steps", int(options.get("default_steps", 50)),
-            low=1, high=max_steps,
-        )
-        guidance = number_param(
-            params, "guidance_scale", float(options.get("default_guidance", 5.0)),
-            low=0.0, high=MAX_GUIDANCE,
-        )
+        steps = integer_param(params, "num_inference_steps", options.default_steps,
+                              low=1, high=options.max_steps)
         return {
-            "prompt": prompt,
             "negative_prompt": negative_prompt,
-            "duration": duration,
             "fps": fps,
             "frames": frames,
             "resolution": f"{width}x{height}",
             "width": width,
             "height": height,
-            "seed": seed_param(params),
             "num_inference_steps": steps,
-            "guidance_scale": guidance,
         }
 
     def load(self) -> None:
         from diffusers import DiffusionPipeline
 
-        path = resolve_source(self.entry)
-        try:
-            pipeline = DiffusionPipeline.from_pretrained(
-                path, torch_dtype=self.context.dtype, local_files_only=True,
-                trust_remote_code=self.entry.trust_remote_code, use_safetensors=True,
-            )
-        except (OSError, ValueError, ImportError) as exc:
-            raise ModelLoadError(f"cannot load {self.entry.id!r} from {path}: {exc}") from exc
+        pipeline, path = self.diffusers_pipeline(DiffusionPipeline)
         self._call_arguments = set(inspect.signature(pipeline.__call__).parameters)
         if "num_frames" not in self._call_arguments:
             raise ModelLoadError(
                 f"{self.entry.id!r}: {type(pipeline).__name__} at {path} is not a text-to-video "
                 "pipeline (it takes no num_frames)"
             )
-        pipeline.set_progress_bar_config(disable=True)
-        options = self.entry.options
-        if options.get("vae_tiling") and hasattr(pipeline.vae, "enable_tiling"):
+        options = self.options
+        if options.vae_tiling and hasattr(pipeline.vae, "enable_tiling"):
             pipeline.vae.enable_tiling()
         self.model = pipeline.to(self.context.device)
-        if options.get("vae_dtype"):  # e.g. Wan's VAE is only accurate in float32
-            pipeline.vae.to(dtype=getattr(torch, str(options["vae_dtype"])))
+        if options.vae_dtype:  # e.g. Wan's VAE is only accurate in float32
+            pipeline.vae.to(dtype=getattr(torch, options.vae_dtype))
 
     @torch.inference_mode()
     def run(
@@ -278,7 +242,7 @@ class TextToVideo(ModelAdapter):
         }
         if "frame_rate" in self._call_arguments:  # LTX-Video conditions on it
             arguments["frame_rate"] = params["fps"]
-        extra = self.entry.options.get("pipeline_kwargs") or {}
+        extra = self.options.pipeline_kwargs
         arguments.update({k: v for k, v in extra.items() if k in self._call_arguments})
         # Raising from the step callback stops the loop at once; diffusers' own interrupt
         # flag would skip the remaining steps but still decode the latents.

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from faster_whisper import WhisperModel
@@ -22,7 +22,16 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
 from faster_whisper.transcribe import get_compression_ratio
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-from engine.contracts.speech import TranscriptionRequest
+from engine.contracts.base import AdapterOptions
+from engine.contracts.speech import (
+    AudioWindow,
+    PreparedAudio,
+    TranscriptionRequest,
+    TranscriptSegment,
+    WhisperOptions,
+    WindowResult,
+    WordTiming,
+)
 from engine.core.audio_codec import decode_audio
 from engine.core.errors import InvalidRequestError, ModelLoadError
 from engine.core.sources import assemble
@@ -38,37 +47,6 @@ LOG_PROB_THRESHOLD = -1.0
 # faster-whisper's defaults: marks merged into the neighbouring word's timing (with CJK forms).
 PREPEND_PUNCTUATIONS = "\"'\u201c\u00bf([{-"
 APPEND_PUNCTUATIONS = "\"'.\u3002,\uff0c!\uff01?\uff1f:\uff1a\u201d)]}\u3001"
-
-
-@dataclass(frozen=True)
-class AudioWindow:
-    """One ≤ 30 s piece of a request's audio, ready for the encoder, plus how to decode it."""
-
-    features: np.ndarray  # (n_mels, 3000) log-mel
-    offset: float  # seconds into the request's audio
-    duration: float
-    task: str
-    language: str | None
-    prompt: str | None
-    temperature: float
-    word_timestamps: bool
-
-
-@dataclass
-class PreparedAudio:
-    windows: list[AudioWindow]
-    duration: float
-    audio: np.ndarray
-    request: TranscriptionRequest
-
-
-@dataclass
-class WindowResult:
-    language: str
-    segments: list[dict[str, Any]] = field(default_factory=list)
-    # Where undecoded speech starts when the model stopped before the window's end (Whisper
-    # resumes from its last timestamp, as its sequential decoding does); None when done.
-    resume_at: float | None = None
 
 
 def split_windows(audio: np.ndarray, sample_rate: int, window_s: float = WINDOW_S) -> list[
@@ -106,17 +84,19 @@ def speech_windows(audio: np.ndarray, sample_rate: int, window_s: float = WINDOW
 
 
 class WhisperSpeechToText(ModelAdapter):
-    """Options (registry `options`): `compute_type` (CTranslate2's: int8, float16, float32 …;
-    default int8 on CPU, float16 on CUDA), `beam_size` (default 5, faster-whisper's)."""
+    """A `Transcriber`. Options: `WhisperOptions` (engine/contracts/speech.py)."""
 
+    options_model: ClassVar[type[AdapterOptions]] = WhisperOptions
+    options: WhisperOptions
     model: WhisperModel
+    multilingual: bool
 
     def load(self) -> None:
         path = assemble(self.entry, self.context.models_dir)
         device = "cuda" if self.context.device.startswith("cuda") else "cpu"
         default_type = "float16" if device == "cuda" else "int8"
-        compute_type = self.entry.options.get("compute_type", default_type)
-        self.beam_size = int(self.entry.options.get("beam_size", 5))
+        compute_type = self.options.compute_type or default_type
+        self.beam_size = self.options.beam_size
         try:
             import torch
 
@@ -183,11 +163,12 @@ class WhisperSpeechToText(ModelAdapter):
         return PreparedAudio(windows, len(audio) / SAMPLE_RATE, audio, request)
 
     def window_between(
-        self, prepared: PreparedAudio, start_s: float, end_s: float, language: str
+        self, prepared: PreparedAudio, start: float, end: float, language: str | None
     ) -> AudioWindow:
-        """The audio from `start_s` to `end_s` as a window (to resume a window's decoding)."""
-        start, end = int(start_s * SAMPLE_RATE), int(end_s * SAMPLE_RATE)
-        return self._window(prepared.audio, start, end, prepared.request, language)
+        """The audio from `start` to `end` seconds as a window (to resume a window's
+        decoding)."""
+        first, last = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+        return self._window(prepared.audio, first, last, prepared.request, language)
 
     def _window(
         self, audio: np.ndarray, start: int, end: int, request: TranscriptionRequest,
@@ -299,6 +280,20 @@ class WhisperSpeechToText(ModelAdapter):
             )
         return [
             WindowResult(first.language, [] if is_silent else
-                         [s for s in segments if s["tokens"]], resume_at)
+                         [_segment(s) for s in segments if s["tokens"]], resume_at)
             for segments, is_silent, resume_at in zip(per_window, silent, resumes, strict=True)
         ]
+
+
+def _segment(raw: dict[str, Any]) -> TranscriptSegment:
+    """faster-whisper's segment dict (words added by `add_word_timestamps`) as the contract's
+    type; numbered from 0 (the engine numbers a request's segments)."""
+    words = [WordTiming(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
+             for w in raw.get("words", [])]
+    return TranscriptSegment(
+        id=0, seek=int(raw["seek"]), start=round(float(raw["start"]), 3),
+        end=round(float(raw["end"]), 3), text=raw["text"], tokens=list(raw["tokens"]),
+        temperature=float(raw["temperature"]), avg_logprob=float(raw["avg_logprob"]),
+        compression_ratio=float(raw["compression_ratio"]),
+        no_speech_prob=float(raw["no_speech_prob"]), words=words,
+    )
