@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
 from engine.contracts.base import AdapterOptions, LoadContext
+from engine.contracts.chat import ChatOptions
 from engine.core.devices import release_device_memory
 from engine.core.errors import EmberError, ModelLoadError
 from engine.core.registry import ModelEntry
@@ -195,3 +196,17 @@ class ModelAdapter:
         self.model = None
         gc.collect()
         release_device_memory(self.context.device)
+
+
+class ChatAdapter(ModelAdapter):
+    """What both chat backends (models.chat, models.llamacpp) share: one entry may be served by
+    either, so they read the same `ChatOptions`, and they set the `ChatBackend` attributes
+    when they load."""
+
+    options_model: ClassVar[type[AdapterOptions]] = ChatOptions
+    options: ChatOptions
+    context_length: int
+    vocab_size: int
+    eos_ids: frozenset[int]
+    kv_capacity: int
+    max_sequences: int

@@ -1,5 +1,5 @@
-"""Chat and text completion on transformers causal LMs: the `ChatBackend` (engine/
-chat_backend.py) behind engine.scheduler.ChatScheduler. It renders and tokenizes prompts and
+"""Chat and text completion on transformers causal LMs: the `ChatBackend` (engine/contracts/
+chat.py) behind engine.generation.scheduler.ChatScheduler. It renders and tokenizes prompts and
 runs each step's prefill and decode forwards over one left-padded KV cache shared by every
 running sequence; the core owns everything else (sampling, stop strings, streaming, limits).
 Runs on CPU and CUDA."""
@@ -14,25 +14,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from engine.contracts.base import AdapterOptions
-from engine.contracts.chat import (
-    ChatMessage,
-    ChatOptions,
-    PrefillChunk,
-    PromptInput,
-    StepPlan,
-    ToolSpec,
-)
+from engine.contracts.chat import ChatMessage, PrefillChunk, PromptInput, StepPlan, ToolSpec
 from engine.contracts.chat_templates import detect_format, template_turns, tool_schemas
 from engine.core.errors import ModelLoadError, UnsupportedFeatureError
 from engine.core.sources import assemble, file_fingerprint
-from models.base import ModelAdapter, thread_safe_encoder
+from models.base import ChatAdapter, thread_safe_encoder
 from models.chat_batching import KVBlock, concat_blocks, positions_from_mask, select_rows
 
 log = logging.getLogger(__name__)
@@ -49,19 +41,11 @@ class _Rows:
     offsets: list[int]
 
 
-class TransformersChat(ModelAdapter):
+class TransformersChat(ChatAdapter):
     """A `ChatBackend`: any `AutoModelForCausalLM` checkpoint (safetensors dir, HF id, or a
     GGUF file that is de-quantized once into the model cache). Options: `ChatOptions`
     (engine/contracts/chat.py; the llama.cpp ones are for an entry llama.cpp may serve)."""
 
-    options_model: ClassVar[type[AdapterOptions]] = ChatOptions
-    options: ChatOptions
-    # The `ChatBackend` attributes, set by `load`.
-    context_length: int
-    vocab_size: int
-    eos_ids: frozenset[int]
-    kv_capacity: int
-    max_sequences: int
 
     def load(self) -> None:
         path = str(assemble(self.entry, self.context.models_dir))  # parts joined, if any
@@ -184,7 +168,7 @@ class TransformersChat(ModelAdapter):
     def detokenize(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    # -- the ChatBackend step, driven by engine.scheduler.ChatScheduler ----------------------
+    # -- the ChatBackend step, driven by engine.generation.scheduler.ChatScheduler -----------
     # torch.no_grad, not inference_mode: transformers' caches mutate tensors in place.
 
     def live_sequences(self) -> set[int]:

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -31,20 +31,13 @@ import llama_cpp
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.contracts.base import AdapterOptions, LoadContext
-from engine.contracts.chat import (
-    ChatMessage,
-    ChatOptions,
-    PrefillChunk,
-    PromptInput,
-    StepPlan,
-    ToolSpec,
-)
+from engine.contracts.base import LoadContext
+from engine.contracts.chat import ChatMessage, PrefillChunk, PromptInput, StepPlan, ToolSpec
 from engine.contracts.chat_templates import detect_format, template_turns, tool_schemas
 from engine.core.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
 from engine.core.registry import ModelEntry
 from engine.core.sources import gguf_path
-from models.base import ModelAdapter
+from models.base import ChatAdapter
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +150,11 @@ def compile_chat_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-class LlamaCppChat(ModelAdapter):
+class LlamaCppChat(ChatAdapter):
     """A `ChatBackend`: a chat model from a GGUF file, on llama.cpp. Sequence ids from the
     core are mapped onto llama.cpp's sequence slots 0 .. max_sequences - 1. Options:
     `ChatOptions` (engine/contracts/chat.py; `kv_unified`, `flash_attn`)."""
 
-    options_model: ClassVar[type[AdapterOptions]] = ChatOptions
-    options: ChatOptions
-    # The `ChatBackend` attributes, set by `load`.
-    context_length: int
-    vocab_size: int
-    eos_ids: frozenset[int]
-    kv_capacity: int
-    max_sequences: int
 
     def __init__(self, entry: ModelEntry, context: LoadContext):
         super().__init__(entry, context)

@@ -14,9 +14,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
-from engine.contracts.media import MediaOptions
+from engine.contracts.media import MediaOptions, MediaResult
 from engine.core.errors import InvalidRequestError, RequestCancelledError
 from engine.core.registry import ModelEntry
 from models.base import ModelAdapter
@@ -108,6 +108,8 @@ class MediaAdapter(ModelAdapter):
     fields in `task_params`."""
 
     options: MediaOptions
+    label: ClassVar[str] = "media"  # for progress logs and cancellation messages
+    progress_increment: ClassVar[float] = 0.0  # the smallest progress step reported
 
     @classmethod
     def validate(cls, entry: ModelEntry, params: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +132,24 @@ class MediaAdapter(ModelAdapter):
     def task_params(cls, entry: ModelEntry, options: Any, params: Mapping[str, Any],
                     duration: float) -> dict[str, Any]:
         """The task's own fields, checked against `options` (its `options_model`)."""
+        raise NotImplementedError
+
+    def run(self, params: dict[str, Any], progress: Callable[[float], None],
+            cancelled: threading.Event) -> MediaResult:
+        """Validates `params` again (a job stored by an older version, too), then generates
+        with progress over `steps(params)` steps, stopping at once when `cancelled`."""
+        params = self.validate(self.entry, params)
+        tracker = StepProgress(f"{self.entry.id} {self.label}", self.steps(params), progress,
+                               cancelled, min_increment=self.progress_increment)
+        tracker.check_cancelled()
+        return self.generate(params, tracker)
+
+    def steps(self, params: dict[str, Any]) -> int:
+        """How many steps generating `params` takes (the encode after them counts one more)."""
+        raise NotImplementedError
+
+    def generate(self, params: dict[str, Any], tracker: StepProgress) -> MediaResult:
+        """The result; `tracker.step()` after each step, `tracker.finish()` once encoded."""
         raise NotImplementedError
 
 

@@ -22,8 +22,7 @@ import copy
 import dataclasses
 import logging
 import math
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -94,7 +93,8 @@ class MusicGen(MediaAdapter):
     """MusicgenForConditionalGeneration with its processor; one job at a time."""
 
     options_model: ClassVar[type[AdapterOptions]] = MusicOptions
-    options: MusicOptions
+    label = "music"
+    progress_increment = PROGRESS_INCREMENT
 
     @classmethod
     def task_params(cls, entry: ModelEntry, options: MusicOptions, params: Mapping[str, Any],
@@ -136,18 +136,12 @@ class MusicGen(MediaAdapter):
     def max_new_tokens(self, duration: float) -> int:
         return math.ceil(duration * self.frame_rate) + self.num_codebooks - 1
 
+    def steps(self, params: dict[str, Any]) -> int:
+        return self.max_new_tokens(params["duration"])
+
     @torch.inference_mode()
-    def run(
-        self,
-        params: dict[str, Any],
-        progress: Callable[[float], None],
-        cancelled: threading.Event,
-    ) -> MediaResult:
-        params = self.validate(self.entry, params)  # params stored by an older version, too
-        new_tokens = self.max_new_tokens(params["duration"])
-        tracker = StepProgress(f"{self.entry.id} music", new_tokens, progress, cancelled,
-                               min_increment=PROGRESS_INCREMENT)
-        tracker.check_cancelled()
+    def generate(self, params: dict[str, Any], tracker: StepProgress) -> MediaResult:
+        new_tokens = tracker.total_steps
         inputs = self.processor(text=[params["prompt"]], padding=True, return_tensors="pt")
         inputs = {k: v.to(self.context.device) for k, v in inputs.items()}
         generation_config = copy.deepcopy(self.model.generation_config)

@@ -24,8 +24,7 @@ import logging
 import math
 import re
 import tempfile
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -169,6 +168,7 @@ class TextToVideo(MediaAdapter):
 
     options_model: ClassVar[type[AdapterOptions]] = VideoOptions
     options: VideoOptions
+    label = "video"
 
     @classmethod
     def task_params(cls, entry: ModelEntry, options: VideoOptions, params: Mapping[str, Any],
@@ -217,17 +217,12 @@ class TextToVideo(MediaAdapter):
         if options.vae_dtype:  # e.g. Wan's VAE is only accurate in float32
             pipeline.vae.to(dtype=getattr(torch, options.vae_dtype))
 
+    def steps(self, params: dict[str, Any]) -> int:
+        return int(params["num_inference_steps"])
+
     @torch.inference_mode()
-    def run(
-        self,
-        params: dict[str, Any],
-        progress: Callable[[float], None],
-        cancelled: threading.Event,
-    ) -> MediaResult:
-        params = self.validate(self.entry, params)  # params stored by an older version, too
-        steps = params["num_inference_steps"]
-        tracker = StepProgress(f"{self.entry.id} video", steps, progress, cancelled)
-        tracker.check_cancelled()
+    def generate(self, params: dict[str, Any], tracker: StepProgress) -> MediaResult:
+        steps = tracker.total_steps
         arguments: dict[str, Any] = {
             "prompt": params["prompt"],
             "negative_prompt": params["negative_prompt"],

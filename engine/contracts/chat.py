@@ -295,9 +295,9 @@ class ChatBackend(Protocol):
     def render_chat(self, messages: Sequence[ChatMessage],
                     tools: Sequence[ToolSpec] = ()) -> PromptInput:
         """The chat template applied (generation prompt added) and tokenized, with `tools`
-        in the template's own tool format (engine/tool_calls.py: template_turns). Raises
-        UnsupportedFeatureError when the model has no template, InvalidRequestError for
-        inputs it cannot take."""
+        in the template's own tool format (engine/contracts/chat_templates.py:
+        template_turns). Raises UnsupportedFeatureError when the model has no template,
+        InvalidRequestError for inputs it cannot take."""
         ...
 
     def chat_template(self) -> str | None:
