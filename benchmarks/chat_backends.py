@@ -25,7 +25,7 @@ ember llama.cpp is then checked against raw llama.cpp's (prompt tokens and text)
 Then raw llama.cpp's own decode steps of 1 and of 16 tokens (`Llama.eval`), interleaved: how
 much a 16-sequence step gains over a 1-sequence one on this build and CPU, the ceiling of the
 next part. Last, on the llama.cpp server alone: 1 and 16 streaming clients
-(benchmarks/sweep.py's run_level: back-to-back requests, lengths spread over 0.5-1.5x the
+(benchmarks/harness.py's run_level: back-to-back requests, lengths spread over 0.5-1.5x the
 mean, 48-144 tokens), alternating 1, 16, 1, 16 for a fixed window per level (30 s) after a
 warm-up (15 s) over which the clients start one by one and which does not count: the window
 measures 16 clients in steady state, where a new prompt joins 15 decoding streams, not 16
@@ -43,11 +43,9 @@ when --threads N is not every core).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -59,27 +57,16 @@ from typing import Any
 import httpx
 import yaml
 
-from benchmarks.images import CpuWatch, contention_note
-from benchmarks.overhead import (
+from benchmarks import harness
+from benchmarks.harness import (
     CHAT_MODEL,
     CHAT_PROMPT,
-    DEFAULT_OUT,
     ChatSample,
+    Level,
     Machine,
-    Progress,
-    chat_sample,
-    describe_machine,
-    free_port,
-    http_chat,
-    interleave,
     median_chat,
-    show_chat,
-    start_server,
-    stop_server,
-    wait_until_ready,
-    write_report,
+    ratio,
 )
-from benchmarks.sweep import Level, run_level
 from engine.core.backends import choose_backend, gguf_path
 from engine.core.devices import resolve_device, resolve_dtype
 from engine.core.registry import Registry
@@ -165,10 +152,6 @@ class Goal:
 # -- pure report parts ---------------------------------------------------------------------
 
 
-def ratio(value: float, baseline: float) -> float:
-    return value / baseline if baseline else float("nan")
-
-
 def round_ratios(chat: dict[str, list[ChatSample]], side: str, baseline: str) -> list[float]:
     """Decode tok/s of `side` ÷ `baseline`, round by round (they ran next to each other)."""
     return [ratio(a.decode_tok_s, b.decode_tok_s)
@@ -228,10 +211,10 @@ def render(report: ChatBackendsReport) -> str:
     m = report.machine
     lines = [
         "# ember chat backends: llama.cpp vs raw llama-cpp-python vs transformers", "",
-        f"{m.date} · ember {m.ember_commit} · {m.cpu}, {m.cores} cores · llama-cpp-python "
-        f"{report.llama_cpp} · torch {m.torch}, transformers {m.transformers} · {m.threads} "
-        f"threads on every side · `{report.gguf}` · median of {report.rounds} interleaved "
-        f"rounds{contention_note(report.other_cpu_share)}", "",
+        f"{m.stamp} · llama-cpp-python {report.llama_cpp} · torch {m.torch}, transformers "
+        f"{m.transformers} · {m.threads} threads on every side · `{report.gguf}` · median of "
+        f"{report.rounds} interleaved rounds{harness.contention_note(report.other_cpu_share)}",
+        "",
         "| metric | measured | baseline | ratio | goal | met |",
         "|---|---:|---:|---:|---:|---|",
         *(goal.row() for goal in goals(report)), "",
@@ -385,30 +368,10 @@ class RawLlama:
                 break
         finished = time.perf_counter()
         self.last = Completion(len(ids), b"".join(pieces).decode("utf-8", errors="replace"))
-        return chat_sample(started, token_times, finished, tokens)
+        return harness.chat_sample(started, token_times, finished, tokens)
 
 
 # -- the servers ---------------------------------------------------------------------------
-
-
-class ServersCpuWatch(CpuWatch):
-    """CpuWatch with several servers, started after they are up: their CPU since then is
-    theirs, whatever is left besides this process is other work on the machine."""
-
-    def __init__(self, pids: list[int]):
-        super().__init__()
-        self.pids = pids
-        self.servers = [self.process_s(pid) for pid in pids]
-
-    def other_share_now(self) -> float | None:
-        busy = self._busy_s()
-        now = [self.process_s(pid) for pid in self.pids]
-        if busy is None or self.busy is None or None in now or None in self.servers:
-            return None
-        servers = sum(n - s for n, s in zip(now, self.servers, strict=True)
-                      if n is not None and s is not None)
-        other = (busy - self.busy) - (self._own_s() - self.own) - servers
-        return max(0.0, other / ((time.perf_counter() - self.started) * (os.cpu_count() or 1)))
 
 
 def server_config(scratch: Path, backend: str, threads: int) -> dict[str, str]:
@@ -443,7 +406,9 @@ def ember_completion(client: httpx.Client, tokens: int) -> Completion:
 # -- main ----------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> ChatBackendsReport:
+def measure(args: argparse.Namespace, progress: harness.Progress, scratch: Path
+            ) -> ChatBackendsReport:
+    started = time.perf_counter()
     settings = load_settings(preload=[])
     entry = Registry.from_settings(settings).resolve(CHAT_MODEL)
     path = gguf_path(entry, settings.models_dir)
@@ -455,59 +420,47 @@ def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> Chat
                    settings.models_dir)
     device = resolve_device(settings.device)
     report = ChatBackendsReport(
-        machine=describe_machine(args.threads, resolve_dtype(settings.dtype, device), device),
+        machine=harness.describe_machine(args.threads, resolve_dtype(settings.dtype, device),
+                                         device),
         llama_cpp=metadata.version("llama_cpp_python"), gguf=path.name, tokens=TOKENS,
         rounds=args.rounds, seconds_per_level=args.seconds, warmup_s=args.warmup)
 
     with ExitStack() as stack:
-        clients: dict[str, httpx.Client] = {}
-        servers: dict[str, Any] = {}
-        logs: dict[str, Path] = {}
-        for side, backend in BACKEND_OF.items():
-            port = free_port()
-            logs[side] = scratch / f"server-{backend}.log"
-            log_file = stack.enter_context(logs[side].open("wb"))
-            progress.step(f"starting ember serve on {backend}, port {port} (log: {logs[side]})")
-            server = start_server(port, args.threads, log_file, preload=(CHAT_MODEL,),
-                                  env=server_config(scratch, backend, args.threads))
-            stack.callback(stop_server, server)
-            servers[side] = server
-            clients[side] = stack.enter_context(
-                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300))
+        servers = {side: stack.enter_context(harness.serve(
+            progress, scratch / f"server-{backend}.log", args.threads, preload=(CHAT_MODEL,),
+            env=server_config(scratch, backend, args.threads), name=f"ember serve on {backend}"))
+            for side, backend in BACKEND_OF.items()}
         progress.step(f"loading raw llama.cpp in this process ({args.threads} threads)")
         raw = RawLlama(path, args.threads)
         for side, backend in BACKEND_OF.items():
-            progress.step(f"waiting for {side}'s /ready")
-            ready_s = wait_until_ready(clients[side], servers[side], logs[side])
-            report.served[side] = served_as(clients[side], backend)
-            print(f"        ready after {ready_s:.1f} s: {report.served[side]}",
-                  file=sys.stderr, flush=True)
+            servers[side].ready(progress, f"{side}'s /ready")
+            report.served[side] = served_as(servers[side].client, backend)
+            progress.note(f"served as {report.served[side]}")
 
-        watch = ServersCpuWatch([server.pid for server in servers.values()])
-        report.chat = interleave(progress, args.rounds, "chat", show_chat, {
+        watch = harness.CpuWatch([server.pid for server in servers.values()])
+        on_llama, on_transformers = (servers[EMBER_LLAMA].client,
+                                     servers[EMBER_TRANSFORMERS].client)
+        report.chat = harness.interleave(progress, args.rounds, "chat", harness.show_chat, {
             RAW: lambda: raw.chat(TOKENS),
-            EMBER_LLAMA: lambda: http_chat(clients[EMBER_LLAMA], TOKENS),
-            EMBER_TRANSFORMERS: lambda: http_chat(clients[EMBER_TRANSFORMERS], TOKENS),
+            EMBER_LLAMA: lambda: harness.http_chat(on_llama, TOKENS),
+            EMBER_TRANSFORMERS: lambda: harness.http_chat(on_transformers, TOKENS),
         })
         progress.step("comparing ember llama.cpp's greedy output with raw llama.cpp's")
-        report.same_output = compare_outputs(raw.last, ember_completion(clients[EMBER_LLAMA],
-                                                                         TOKENS))
-        print(f"        {same_output_line(report.same_output)}", file=sys.stderr, flush=True)
-        report.eval_tok_s = interleave(
+        report.same_output = compare_outputs(raw.last, ember_completion(on_llama, TOKENS))
+        progress.note(same_output_line(report.same_output))
+        report.eval_tok_s = harness.interleave(
             progress, args.rounds, "raw llama.cpp decode steps", lambda r: f"{r:.1f} tok/s",
             {f"{batch} tokens": partial(raw.eval_tok_s, batch) for batch in (1, LOAD_CLIENTS)})
-        port = int(clients[EMBER_LLAMA].base_url.port or 0)
+        port = servers[EMBER_LLAMA].port
         for clients_now in level_order(args.repeats):
             report.levels.append(progress.run(
                 f"{EMBER_LLAMA} load: {clients_now} streaming clients for {args.seconds:.0f} s",
-                partial(load_level, port, clients_now, args.seconds, args.warmup), show_level))
+                partial(harness.run_level, port, clients_now, args.seconds, LOAD_MEAN_TOKENS,
+                        args.warmup), show_level))
             time.sleep(LEVEL_PAUSE_S)
-        report.other_cpu_share = watch.other_share_now()
+        report.other_cpu_share = watch.other_share(*(server.pid for server in servers.values()))
+    print(f"measured in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return report
-
-
-def load_level(port: int, clients: int, seconds: float, warmup_s: float) -> Level:
-    return asyncio.run(run_level(port, clients, seconds, LOAD_MEAN_TOKENS, warmup_s))
 
 
 def show_level(level: Level) -> str:
@@ -515,27 +468,21 @@ def show_level(level: Level) -> str:
             f"ms, {len(level.timings)} requests, errors {level.errors}")
 
 
-def step_count(rounds: int, repeats: int) -> int:
+def step_count(args: argparse.Namespace) -> int:
     setup = 6  # llama.cpp check, 2 server starts, raw load, 2 /ready waits
-    return setup + (rounds + 1) * (len(SIDES) + 2) + 1 + 2 * repeats
+    return setup + (args.rounds + 1) * (len(SIDES) + 2) + 1 + 2 * args.repeats
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.chat_backends",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="3 chat rounds (not 7), 6 s load levels (not 30 s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="threads for every side (default: all cores)")
-    parser.add_argument("--rounds", type=int, help="interleaved chat rounds")
-    parser.add_argument("--seconds", type=float, help="length of each load level")
-    parser.add_argument("--warmup", type=float,
-                        help="seconds over which a level's clients start, before its window")
-    parser.add_argument("--repeats", type=int,
-                        help="runs of each load level (1, 16, 1, 16, ...); 0: none")
-    args = parser.parse_args(argv)
+    flags = harness.Arguments("chat_backends", __doc__,
+                              quick="3 chat rounds (not 7), 6 s load levels (not 30 s)",
+                              threads="threads for every side (default: all cores)")
+    flags.add("--rounds", type=int, help="interleaved chat rounds")
+    flags.add("--seconds", type=float, help="length of each load level")
+    flags.add("--warmup", type=float,
+              help="seconds over which a level's clients start, before its window")
+    flags.add("--repeats", type=int, help="runs of each load level (1, 16, 1, 16, ...); 0: none")
+    args = flags.parse(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 7
     if args.seconds is None:
@@ -549,14 +496,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    progress = Progress(step_count(args.rounds, args.repeats))
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ember-bench-backends-") as scratch:
-        report = measure(args, progress, Path(scratch))
-    print(f"measured in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    write_report(args.out, report_name(args.threads, os.cpu_count() or 1), render(report),
-                 raw_numbers(report))
-    return 0
+    return harness.run(args, report_name(args.threads, os.cpu_count() or 1),
+                       step_count, measure, render, raw_numbers)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
-import os
 import statistics
 import sys
-import tempfile
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,31 +41,7 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.images import (
-    DEFAULT_MODELS,
-    CpuWatch,
-    cached_build,
-    contention_note,
-    parameter_counts,
-    quiet_libraries,
-    random_clip_text_encoder,
-    random_sd_vae,
-    shape_tag,
-    write_byte_clip_tokenizer,
-    write_registry,
-)
-from benchmarks.overhead import (
-    DEFAULT_OUT,
-    Machine,
-    Progress,
-    describe_machine,
-    free_port,
-    interleave,
-    start_server,
-    stop_server,
-    wait_until_ready,
-    write_report,
-)
+from benchmarks import harness
 from engine.jobs.runner import PROGRESS_WRITE_S
 from models.video import encode_mp4
 
@@ -86,41 +59,21 @@ SLOW_POLL_S = 0.200  # a second job run, to see what fast polling costs
 JOB_TIMEOUT_S = 600.0
 
 # The random pipeline's shape (16x16 latents x 16 frames); changing it rebuilds the cache.
-VIDEO_SHAPE: dict[str, Any] = {
-    "unet_channels": [64, 128, 128],
-    "unet_layers": 2,
-    "text_hidden": 64,
-    "text_layers": 2,
-    "vae_channels": [32, 64, 64, 64],
-}
+VIDEO_SHAPE: dict[str, Any] = {"unet_channels": [64, 128, 128], **harness.PIPELINE_SHAPE}
 
 
 # -- the random pipeline --------------------------------------------------------------------
 
 
 def build_random_text_to_video(folder: Path, shape: dict[str, Any] = VIDEO_SHAPE) -> Path:
-    """A TextToVideoSDPipeline (zeroscope's) with random, seeded weights, saved with
-    `save_pretrained`. Returns the pipeline folder."""
+    """A TextToVideoSDPipeline (zeroscope's) with random weights; returns the pipeline
+    folder."""
     from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
 
-    tokenizer = write_byte_clip_tokenizer(folder / "clip-tokenizer")
-    torch.manual_seed(0)
-    text_encoder = random_clip_text_encoder(tokenizer, shape["text_hidden"], shape["text_layers"])
-    vae = random_sd_vae(shape["vae_channels"])
-    levels = len(shape["unet_channels"])
-    unet = UNet3DConditionModel(
-        sample_size=SIDE // 8, in_channels=4, out_channels=4,
-        layers_per_block=shape["unet_layers"], block_out_channels=tuple(shape["unet_channels"]),
-        norm_num_groups=32, cross_attention_dim=shape["text_hidden"], attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock3D",) * (levels - 1) + ("DownBlock3D",),
-        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (levels - 1),
-    )
-    pipeline = TextToVideoSDPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-    )
-    pipeline.save_pretrained(folder / "pipeline")
-    return folder / "pipeline"
+    return harness.build_random_pipeline(
+        folder, shape, SIDE, UNet3DConditionModel, "3D",
+        lambda **parts: TextToVideoSDPipeline(
+            **parts, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False)))
 
 
 def video_entry(source: Path) -> dict[str, Any]:
@@ -133,19 +86,6 @@ def video_entry(source: Path) -> dict[str, Any]:
                     "max_frames": 32, "default_steps": STEPS, "max_steps": 50,
                     "default_guidance": GUIDANCE},
     }
-
-
-def load_pipeline(source: Path) -> Any:
-    """The pipeline as the adapter loads it (same call, float32 on the CPU)."""
-    from diffusers import DiffusionPipeline
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # `torch_dtype`, as the adapter passes
-        pipeline = DiffusionPipeline.from_pretrained(
-            source, torch_dtype=torch.float32, local_files_only=True
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 # -- results -------------------------------------------------------------------------------
@@ -206,13 +146,7 @@ class JobRun:
 
 
 @dataclass
-class JobsReport:
-    machine: Machine
-    runtimes: dict[str, str]
-    rounds: int
-    parameters: dict[str, int]
-    # the CPU time other processes used during the run, as a share of all cores' time
-    other_cpu: float | None = None
+class JobsReport(harness.PipelineReport):
     bare: list[BareRun] = field(default_factory=list)
     jobs: list[JobRun] = field(default_factory=list)  # polled every POLL_S
     slow_jobs: list[JobRun] = field(default_factory=list)  # polled every SLOW_POLL_S
@@ -288,7 +222,7 @@ def http_job(client: httpx.Client, poll_s: float, server_pid: int | None = None)
     body = {"model": MODEL_ID, "prompt": PROMPT, "duration": DURATION_S,
             "resolution": f"{SIDE}x{SIDE}", "fps": FPS, "seed": SEED,
             "num_inference_steps": STEPS, "guidance_scale": GUIDANCE}
-    cpu_before = CpuWatch.process_s(server_pid) if server_pid else None
+    cpu_before = harness.CpuWatch.process_s(server_pid) if server_pid else None
     started = time.perf_counter()
     response = client.post("/v1/video/generations", json=body)
     accepted = time.perf_counter() - started
@@ -312,7 +246,7 @@ def http_job(client: httpx.Client, poll_s: float, server_pid: int | None = None)
         if job["status"] in ("completed", "failed", "cancelled"):
             break
         time.sleep(max(0.0, sent + poll_s - time.perf_counter()))
-    cpu_after = CpuWatch.process_s(server_pid) if server_pid else None
+    cpu_after = harness.CpuWatch.process_s(server_pid) if server_pid else None
     if job["status"] != "completed":
         raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
     content = client.get(f"/v1/generations/{job_id}/content")
@@ -424,8 +358,7 @@ def in_ms(value: float | None) -> str:
 
 
 def render(report: JobsReport) -> str:
-    m, s = report.machine, summary(report)
-    runtimes = ", ".join(f"{name} {version}" for name, version in report.runtimes.items())
+    s = summary(report)
     n = len(report.jobs)
     rows = [
         ("submit to first step", "first_step"),
@@ -433,17 +366,13 @@ def render(report: JobsReport) -> str:
         ("last step to completed (bare: to the mp4 bytes)", "tail"),
         ("total (job: submit to completed)", "total"),
     ]
-    params = report.parameters
-    parts = ", ".join(f"{name} {count / 1e6:.1f} M" for name, count in params.items())
     last = report.jobs[-1]
     timeline = ", ".join(f"{status} {progress}% at {t * 1000:.0f}"
                          for t, status, progress in last.timeline)
     lines = [
         "# ember jobs",
         "",
-        f"{m.date} · ember {m.ember_commit} · {m.cpu}, {m.cores} cores · torch {m.torch}, "
-        f"{runtimes} · {m.threads} threads · {m.dtype} on {m.device} · median of "
-        f"{report.rounds} interleaved rounds{contention_note(report.other_cpu)}",
+        report.header,
         "",
         "| ms | bare pipeline | ember job | ember - bare |",
         "|---|---:|---:|---:|",
@@ -455,7 +384,8 @@ def render(report: JobsReport) -> str:
         "",
         f"Text to video, {FRAMES} frames at {SIDE}x{SIDE}, {FPS} fps, {STEPS} steps, guidance "
         f"{GUIDANCE:g}. The weights are random (a zeroscope-shaped TextToVideoSDPipeline built "
-        f"from configs: {parts}), so the numbers measure the job machinery, not video quality. "
+        f"from configs: {report.parameters_line}), so the numbers measure the job machinery, "
+        "not video quality. "
         "Bare pipeline: the same folder loaded in-process with "
         "`DiffusionPipeline.from_pretrained` (float32, as the registry entry), called with the "
         "adapter's arguments and a step callback, then `models.video.encode_mp4`; its times "
@@ -516,92 +446,47 @@ def polling_lines(s: dict[str, float | None]) -> list[str]:
 
 
 def raw_numbers(report: JobsReport) -> dict[str, Any]:
-    data = asdict(report)
-    data["medians"] = summary(report)
-    data["settings"] = {"frames": FRAMES, "side": SIDE, "fps": FPS, "steps": STEPS,
-                        "guidance": GUIDANCE, "seed": SEED, "prompt": PROMPT, "poll_s": POLL_S,
-                        "slow_poll_s": SLOW_POLL_S,
-                        "progress_write_s": PROGRESS_WRITE_S, "shape": VIDEO_SHAPE}
-    return data
+    return harness.raw(report, medians=summary(report), settings={
+        "frames": FRAMES, "side": SIDE, "fps": FPS, "steps": STEPS, "guidance": GUIDANCE,
+        "seed": SEED, "prompt": PROMPT, "poll_s": POLL_S, "slow_poll_s": SLOW_POLL_S,
+        "progress_write_s": PROGRESS_WRITE_S, "shape": VIDEO_SHAPE})
 
 
 # -- main ----------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, progress: Progress, scratch: Path, log: Path,
-            log_file: Any) -> JobsReport:
+def measure(args: argparse.Namespace, progress: harness.Progress, scratch: Path
+            ) -> JobsReport:
     torch.set_num_threads(args.threads)
-    watch = CpuWatch()
-    source = progress.run(
-        f"building the random pipeline (once) in {args.models}",
-        lambda: cached_build(args.models, shape_tag("video-random", VIDEO_SHAPE),
-                             build_random_text_to_video),
-        str)
-    registry = write_registry(scratch / "models.yaml", video_entry(source))
-    port = free_port()
-    progress.step(f"starting the server on port {port} (log: {log})")
-    server = start_server(port, args.threads, log_file, preload=[MODEL_ID], env={
-        "EMBER_REGISTRY_FILE": str(registry), "EMBER_DATA_DIR": str(scratch / "data")})
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            # Load the baseline while the server loads: load time is not measured.
-            progress.step("loading the baseline pipeline in-process")
-            pipeline = load_pipeline(source)
-            progress.step("waiting for the server's /ready")
-            ready_s = wait_until_ready(client, server, log)
-            print(f"        ready after {ready_s:.1f} s", file=sys.stderr, flush=True)
-
-            report = JobsReport(describe_machine(args.threads, torch.float32, "cpu"),
-                                {"diffusers": metadata.version("diffusers"),
-                                 "av": metadata.version("av")},
-                                args.rounds, parameter_counts(pipeline))
-            runs: dict[str, list[Any]] = interleave(
-                progress, args.rounds, "video", lambda run: (
-                    show_bare(run) if isinstance(run, BareRun) else show_job(run)), {
-                    "bare": lambda: bare_call(pipeline),
-                    "job": lambda: http_job(client, POLL_S, server.pid),
-                    "job_slow_poll": lambda: http_job(client, SLOW_POLL_S, server.pid),
-                })
-            report.bare, report.jobs = runs["bare"], runs["job"]
-            report.slow_jobs = runs["job_slow_poll"]
-            report.other_cpu = watch.other_share(server.pid)
-            return report
-    finally:
-        stop_server(server)
+    watch = harness.CpuWatch()
+    with harness.serve_pipeline(progress, args, scratch, "video-random", VIDEO_SHAPE,
+                                build_random_text_to_video, video_entry, "DiffusionPipeline",
+                                timeout=120) as (server, pipeline):
+        report = JobsReport(harness.describe_machine(args.threads, torch.float32, "cpu"),
+                            {"diffusers": metadata.version("diffusers"),
+                             "av": metadata.version("av")},
+                            args.rounds, harness.parameter_counts(pipeline))
+        runs: dict[str, list[Any]] = harness.interleave(
+            progress, args.rounds, "video", lambda run: (
+                show_bare(run) if isinstance(run, BareRun) else show_job(run)), {
+                "bare": lambda: bare_call(pipeline),
+                "job": lambda: http_job(server.client, POLL_S, server.pid),
+                "job_slow_poll": lambda: http_job(server.client, SLOW_POLL_S, server.pid),
+            })
+        report.bare, report.jobs = runs["bare"], runs["job"]
+        report.slow_jobs = runs["job_slow_poll"]
+        report.other_cpu = watch.other_share(server.pid)
+        return report
 
 
-def step_count(rounds: int) -> int:
+def step_count(args: argparse.Namespace) -> int:
     setup = 4  # build, start server, load baseline, wait for ready
-    return setup + (rounds + 1) * 3  # warm-up + rounds; bare, job, job polled seldom
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 round (unless --rounds)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
-    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS,
-                        help=f"where the random pipeline is built once (default {DEFAULT_MODELS})")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads for the baseline and the server (default: all cores)")
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 5)
-    return args
+    return setup + (args.rounds + 1) * 3  # warm-up + rounds; bare, job, job polled seldom
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    quiet_libraries()
-    progress = Progress(step_count(args.rounds))
-    with tempfile.TemporaryDirectory(prefix="ember-bench-jobs-") as folder:
-        scratch = Path(folder)
-        log = scratch / "server.log"
-        with log.open("w") as log_file:
-            report = measure(args, progress, scratch, log, log_file)
-
-    write_report(args.out, "jobs", render(report), raw_numbers(report))
-    return 0
+    args = harness.Arguments("jobs", __doc__, rounds=5, models=True).parse(argv)
+    return harness.run(args, "jobs", step_count, measure, render, raw_numbers, quiet=True)
 
 
 if __name__ == "__main__":

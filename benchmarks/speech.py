@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,18 +39,7 @@ import numpy as np
 import torch
 from faster_whisper import WhisperModel
 
-from benchmarks.overhead import (
-    DEFAULT_OUT,
-    Machine,
-    Progress,
-    describe_machine,
-    free_port,
-    interleave,
-    start_server,
-    stop_server,
-    wait_until_ready,
-    write_report,
-)
+from benchmarks import harness
 from engine.contracts.base import LoadContext
 from engine.contracts.speech import SpeechRequest
 from engine.core.audio_codec import OUTPUT_RATE, decode_audio, encode_audio
@@ -125,10 +112,7 @@ class TtsRun:
 
 
 @dataclass
-class SpeechReport:
-    machine: Machine
-    runtimes: dict[str, str]
-    rounds: int
+class SpeechReport(harness.RoundsReport):
     clip_texts: list[str]
     clip_seconds: list[float]
     # baseline, http_sequential, http_concurrent
@@ -306,7 +290,6 @@ def summary(report: SpeechReport) -> dict[str, float]:
 
 def render(report: SpeechReport) -> str:
     m, s = report.machine, summary(report)
-    runtimes = ", ".join(f"{name} {version}" for name, version in report.runtimes.items())
     clips = f"{len(report.clip_seconds)} clips, {sum(report.clip_seconds):.0f} s"
     whole = report.tts["whole_mp3"]
     rows: list[tuple[str, float, float, float, str]] = [
@@ -329,7 +312,7 @@ def render(report: SpeechReport) -> str:
     lines = [
         "# ember speech",
         "",
-        f"{m.date} · ember {m.ember_commit} · {m.cpu}, {m.cores} cores · {runtimes} · "
+        f"{m.stamp} · {report.runtimes_line} · "
         f"{m.threads} threads · median of {report.rounds} interleaved rounds",
         "",
         "| metric | baseline | ember HTTP | ratio |",
@@ -357,9 +340,7 @@ def render(report: SpeechReport) -> str:
 
 
 def raw_numbers(report: SpeechReport) -> dict[str, Any]:
-    data = asdict(report)
-    data["medians"] = summary(report)
-    return data
+    return harness.raw(report, medians=summary(report))
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -370,79 +351,55 @@ def runtime_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in names}
 
 
-def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: Any
+def measure(args: argparse.Namespace, progress: harness.Progress, scratch: Path
             ) -> SpeechReport:
     settings = load_settings(preload=[])
     registry = Registry.from_settings(settings)
     torch.set_num_threads(args.threads)  # the Piper adapter gives onnxruntime torch's count
-    port = free_port()
-    progress.step(f"starting the server on port {port} (log: {log})")
-    server = start_server(port, args.threads, log_file, preload=[STT_MODEL, TTS_MODEL])
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client, \
-                ThreadPoolExecutor(CONCURRENCY) as pool:
-            # Load the baselines while the server loads: load time is not measured.
-            progress.step("loading the baseline models in-process")
-            whisper = load_whisper_baseline(settings, registry, args.threads)
-            piper = load_piper_baseline(settings, registry)
-            progress.step("waiting for the server's /ready")
-            ready_s = wait_until_ready(client, server, log)
-            print(f"        ready after {ready_s:.1f} s", file=sys.stderr, flush=True)
+    with harness.serve(progress, scratch / "server.log", args.threads,
+                       preload=[STT_MODEL, TTS_MODEL]) as server, \
+            ThreadPoolExecutor(CONCURRENCY) as pool:
+        client = server.client
+        # Load the baselines while the server loads: load time is not measured.
+        progress.step("loading the baseline models in-process")
+        whisper = load_whisper_baseline(settings, registry, args.threads)
+        piper = load_piper_baseline(settings, registry)
+        server.ready(progress)
 
-            clips = progress.run(
-                f"making {len(CLIP_TEXTS)} test clips with ember's text to speech",
-                lambda: make_clips(client),
-                lambda made: ", ".join(f"{audio_seconds(c, 'wav'):.1f} s" for c in made))
-            clip_seconds = [audio_seconds(clip, "wav") for clip in clips]
-            audio_s = sum(clip_seconds)
-            machine = dataclasses.replace(
-                describe_machine(args.threads, torch.float32, "cpu"),
-                dtype="int8 (whisper), float32 (piper)")
-            report = SpeechReport(machine, runtime_versions(), args.rounds, CLIP_TEXTS,
-                                  clip_seconds)
-            report.stt = interleave(progress, args.rounds, "stt", show_stt, {
-                "baseline": lambda: baseline_stt(whisper, clips, audio_s),
-                "http_sequential": lambda: http_stt_sequential(client, clips, audio_s),
-                "http_concurrent": lambda: http_stt_concurrent(client, clips, audio_s, pool),
-            })
-            report.tts = interleave(progress, args.rounds, "tts", show_tts, {
-                "whole_mp3": lambda: whole_speech(piper),
-                "stream_mp3": lambda: streamed_speech(client, "mp3"),
-                "stream_pcm": lambda: streamed_speech(client, "pcm"),
-            })
-            return report
-    finally:
-        stop_server(server)
+        clips = progress.run(
+            f"making {len(CLIP_TEXTS)} test clips with ember's text to speech",
+            lambda: make_clips(client),
+            lambda made: ", ".join(f"{audio_seconds(c, 'wav'):.1f} s" for c in made))
+        clip_seconds = [audio_seconds(clip, "wav") for clip in clips]
+        audio_s = sum(clip_seconds)
+        machine = dataclasses.replace(
+            harness.describe_machine(args.threads, torch.float32, "cpu"),
+            dtype="int8 (whisper), float32 (piper)")
+        report = SpeechReport(machine, runtime_versions(), args.rounds, CLIP_TEXTS,
+                              clip_seconds)
+        report.stt = harness.interleave(progress, args.rounds, "stt", show_stt, {
+            "baseline": lambda: baseline_stt(whisper, clips, audio_s),
+            "http_sequential": lambda: http_stt_sequential(client, clips, audio_s),
+            "http_concurrent": lambda: http_stt_concurrent(client, clips, audio_s, pool),
+        })
+        report.tts = harness.interleave(progress, args.rounds, "tts", show_tts, {
+            "whole_mp3": lambda: whole_speech(piper),
+            "stream_mp3": lambda: streamed_speech(client, "mp3"),
+            "stream_pcm": lambda: streamed_speech(client, "pcm"),
+        })
+        return report
 
 
-def step_count(rounds: int) -> int:
+def step_count(args: argparse.Namespace) -> int:
     setup = 4  # start server, load baselines, wait for ready, make clips
-    return setup + (rounds + 1) * (3 + 3)  # warm-up + rounds; stt: 3 variants, tts: 3
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.speech", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 round (unless --rounds)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="threads for the baselines and the server (default: all cores)")
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    return args
+    return setup + (args.rounds + 1) * (3 + 3)  # warm-up + rounds; stt: 3 variants, tts: 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    progress = Progress(step_count(args.rounds))
-    with tempfile.TemporaryDirectory() as scratch:
-        log = Path(scratch) / "server.log"
-        with log.open("w") as log_file:
-            report = measure(args, progress, log, log_file)
-
-    write_report(args.out, "speech", render(report), raw_numbers(report))
-    return 0
+    args = harness.Arguments(
+        "speech", __doc__, rounds=3,
+        threads="threads for the baselines and the server (default: all cores)").parse(argv)
+    return harness.run(args, "speech", step_count, measure, render, raw_numbers)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ grammars take to compile, on the default chat model.
 
 One `ember serve` (the packaged SmolLM2 on its default backend, llama.cpp where built).
 Load levels alternate free and constrained requests at 1 and at 16 streaming clients
-(benchmarks/sweep.py's run_level: back-to-back requests of 48-144 tokens, `ignore_eos`,
+(benchmarks/harness.py's run_level: back-to-back requests of 48-144 tokens, `ignore_eos`,
 temperature 0.7, seeded; the 16-client levels after a warm-up in which the clients start one
 by one): free 1, constrained 1, free 16, constrained 16, repeated. Constrained requests carry
 `response_format` json_schema for an object with one long string (`minLength` past any
@@ -24,11 +24,8 @@ cache) 30 times; p50 and p99, and the cached lookup.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -36,21 +33,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from benchmarks.overhead import (
-    CHAT_MODEL,
-    DEFAULT_OUT,
-    Machine,
-    Progress,
-    describe_machine,
-    free_port,
-    start_server,
-    stop_server,
-    wait_until_ready,
-    write_report,
-)
-from benchmarks.sweep import Level, run_level
+from benchmarks import harness
+from benchmarks.harness import CHAT_MODEL, Level, Machine
 from engine.core.devices import resolve_device, resolve_dtype
 from engine.core.settings import load_settings
 
@@ -196,11 +180,6 @@ def measure_compiles(path: Path) -> dict[str, dict[str, float]]:
         llama_cpp.llama_model_free(model)
 
 
-def load_level(port: int, clients: int, seconds: float, warmup_s: float,
-               extra: dict[str, Any] | None) -> Level:
-    return asyncio.run(run_level(port, clients, seconds, MEAN_TOKENS, warmup_s, extra))
-
-
 def show_level(level: Level) -> str:
     return f"{rate(level):.1f} tok/s, {len(level.timings)} requests, errors {level.errors}"
 
@@ -210,8 +189,8 @@ def render(report: StructuredReport) -> str:
     lines = [
         "# ember structured output: decode speed under a JSON schema, grammar compile times",
         "",
-        f"{machine.date} · ember {machine.ember_commit} · {machine.cpu}, {machine.cores} cores · "
-        f"{CHAT_MODEL} on {report.served.get('backend')} ({report.served.get('dtype')}) · "
+        f"{machine.stamp} · {CHAT_MODEL} on {report.served.get('backend')} "
+        f"({report.served.get('dtype')}) · "
         f"{report.seconds_per_level:.0f} s per level, 16-client levels after a "
         f"{report.warmup_s:.0f} s warm-up",
         "",
@@ -242,26 +221,23 @@ def render(report: StructuredReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> StructuredReport:
+def measure(args: argparse.Namespace, progress: harness.Progress, scratch: Path
+            ) -> StructuredReport:
     from engine.core.registry import Registry
     from engine.core.sources import gguf_path
 
     settings = load_settings(preload=[])
     device = resolve_device(settings.device)
     with ExitStack() as stack:
-        port = free_port()
-        log = scratch / "server.log"
-        progress.step(f"starting ember serve, port {port} (log: {log})")
-        server = start_server(port, 1, stack.enter_context(log.open("wb")),
-                              preload=(CHAT_MODEL,), env={"EMBER_DATA_DIR": str(scratch)})
-        stack.callback(stop_server, server)
-        client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}",
-                                                  timeout=300))
-        wait_until_ready(client, server, log)
-        status = client.get(f"/v1/models/{CHAT_MODEL}").raise_for_status().json()
+        server = stack.enter_context(harness.serve(
+            progress, scratch / "server.log", 1, preload=(CHAT_MODEL,),
+            env={"EMBER_DATA_DIR": str(scratch)}, name="ember serve"))
+        server.ready()
+        status = server.client.get(f"/v1/models/{CHAT_MODEL}").raise_for_status().json()
         served = {k: status.get(k) for k in ("backend", "dtype", "device")}
-        report = StructuredReport(describe_machine(1, resolve_dtype(settings.dtype, device),
-                                                   device), served, args.seconds, args.warmup)
+        report = StructuredReport(
+            harness.describe_machine(1, resolve_dtype(settings.dtype, device), device), served,
+            args.seconds, args.warmup)
         for _ in range(args.repeats):
             for clients in CLIENTS:
                 for constrained in (False, True):
@@ -269,8 +245,9 @@ def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> Stru
                     warmup = args.warmup if clients > 1 else 0.0
                     level = progress.run(
                         f"{key} client(s), {args.seconds:.0f} s",
-                        partial(load_level, port, clients, args.seconds, warmup,
-                                CONSTRAINED if constrained else None), show_level)
+                        partial(harness.run_level, server.port, clients, args.seconds,
+                                MEAN_TOKENS, warmup, CONSTRAINED if constrained else None),
+                        show_level)
                     report.levels.setdefault(key, []).append(level)
                     time.sleep(1.0)
     entry = Registry.from_settings(settings).resolve(CHAT_MODEL)
@@ -281,16 +258,21 @@ def measure(args: argparse.Namespace, progress: Progress, scratch: Path) -> Stru
     return report
 
 
+def raw_numbers(report: StructuredReport) -> dict[str, Any]:
+    return {"machine": asdict(report.machine), "served": report.served,
+            "levels": {key: [{"tok_s": lv.tok_s, "decode_tok_s": lv.decode_tok_s,
+                              "requests": len(lv.timings), "errors": lv.errors} for lv in runs]
+                       for key, runs in report.levels.items()},
+            "compile_ms": report.compile_ms}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.structured",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 s levels, one repeat")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder")
-    parser.add_argument("--seconds", type=float, help="length of each level (default 20)")
-    parser.add_argument("--warmup", type=float, help="16-client warm-up (default 10)")
-    parser.add_argument("--repeats", type=int, help="runs of the four levels (default 2)")
-    args = parser.parse_args(argv)
+    flags = harness.Arguments("structured", __doc__, quick="8 s levels, one repeat",
+                              threads=None)
+    flags.add("--seconds", type=float, help="length of each level (default 20)")
+    flags.add("--warmup", type=float, help="16-client warm-up (default 10)")
+    flags.add("--repeats", type=int, help="runs of the four levels (default 2)")
+    args = flags.parse(argv)
     args.seconds = args.seconds or (8.0 if args.quick else 20.0)
     args.warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 10.0)
     args.repeats = args.repeats or (1 if args.quick else 2)
@@ -299,16 +281,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    progress = Progress(1 + 4 * args.repeats + 1)
-    with tempfile.TemporaryDirectory(prefix="ember-bench-structured-") as scratch:
-        report = measure(args, progress, Path(scratch))
-    raw = {"machine": asdict(report.machine), "served": report.served,
-           "levels": {key: [{"tok_s": lv.tok_s, "decode_tok_s": lv.decode_tok_s,
-                             "requests": len(lv.timings), "errors": lv.errors} for lv in runs]
-                      for key, runs in report.levels.items()},
-           "compile_ms": report.compile_ms}
-    write_report(args.out, "structured", render(report), json.loads(json.dumps(raw)))
-    return 0
+    return harness.run(args, "structured", lambda args: 1 + 4 * args.repeats + 1, measure,
+                       render, raw_numbers)
 
 
 if __name__ == "__main__":

@@ -23,88 +23,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
-import json
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
-from benchmarks.loadgen import Connection, HTTPError
-from benchmarks.overhead import (
-    CHAT_MODEL,
-    DEFAULT_OUT,
-    EMBEDDING_MODEL,
-    Machine,
-    Progress,
-    describe_machine,
-    free_port,
-    load_chat_baseline,
-    load_embedding_baseline,
-    make_sentences,
-    memory_bandwidth,
-    start_server,
-    stop_server,
-    wait_until_ready,
-)
+from benchmarks import harness
+from benchmarks.harness import EMBEDDING_MODEL, TOPICS, Level, Machine, request_tokens
+from benchmarks.loadgen import Connection
 from engine.core.registry import Registry
 from engine.core.settings import load_settings
 from models.chat import TransformersChat
-
-TOPICS = ["a lighthouse", "the moon", "a bakery", "an old map", "a robot", "the ocean",
-          "a mountain village", "a train station", "a library", "a garden"]
-
-
-def request_tokens(tokens: int, client: int, request: int) -> int:
-    """Output length of one request: spread over 0.5-1.5x the mean, the same in every run."""
-    spread = (client * 7 + request * 3) % 11 / 10  # 0.0 .. 1.0
-    return max(2, round(tokens * (0.5 + spread)))
-
-
-@dataclass
-class RequestTiming:
-    ttft_s: float
-    latency_s: float
-    tokens: int  # received before the level's time ran out
-    gaps_s: list[float]
-    completed: bool = True
-
-
-@dataclass
-class Level:
-    concurrency: int
-    wall_s: float
-    timings: list[RequestTiming]
-    errors: int
-
-    @property
-    def tok_s(self) -> float:
-        return sum(t.tokens for t in self.timings) / self.wall_s
-
-    def percentile(self, attribute: str, q: float) -> float:
-        """Over requests that finished (TTFT: over every request that got a first token)."""
-        timings = self.timings if attribute == "ttft_s" else [
-            t for t in self.timings if t.completed]
-        # NaN: not measured (a TTFT that fell in the warm-up).
-        values = sorted(v for t in timings if (v := getattr(t, attribute)) == v)
-        return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else 0.0
-
-    @property
-    def itl_p50_s(self) -> float:
-        gaps = [g for t in self.timings for g in t.gaps_s]
-        return statistics.median(gaps) if gaps else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        """Per-stream decode rate (prefill excluded), median over requests."""
-        rates = [(t.tokens - 1) / sum(t.gaps_s) for t in self.timings if sum(t.gaps_s) > 0]
-        return statistics.median(rates) if rates else 0.0
 
 
 @dataclass
@@ -123,82 +57,6 @@ class SweepReport:
 
 
 # -- chat ----------------------------------------------------------------------------------
-
-
-def chat_body(prompt: str, tokens: int, seed: int) -> dict[str, Any]:
-    return {"model": CHAT_MODEL, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": tokens, "temperature": 0.7, "seed": seed, "ignore_eos": True,
-            "stream": True}
-
-
-async def stream_one(
-    conn: Connection, prompt: str, tokens: int, seed: int, deadline: float,
-    measure_from: float = 0.0, extra: dict[str, Any] | None = None,
-) -> RequestTiming:
-    """One streamed request; stops reading at `deadline` (the caller then drops the
-    connection, which cancels the rest on the server). Only tokens after `measure_from`
-    count, and a TTFT only when the request started after it (else NaN)."""
-    started = time.perf_counter()
-    times: list[float] = []
-    completed = True
-    async for frame in conn.stream_events("/v1/chat/completions",
-                                          {**chat_body(prompt, tokens, seed), **(extra or {})}):
-        if "error" in frame:
-            raise RuntimeError(frame["error"]["message"])
-        now = time.perf_counter()
-        if now > deadline:
-            completed = False
-            break
-        if any(c.get("delta", {}).get("content") for c in frame.get("choices", [])):
-            times.append(now)
-    ttft = times[0] - started if times and started >= measure_from else float("nan")
-    times = [t for t in times if t >= measure_from]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    return RequestTiming(ttft, time.perf_counter() - started, len(times), gaps, completed)
-
-
-LOAD_ERRORS = (HTTPError, RuntimeError, OSError, asyncio.IncompleteReadError)
-
-
-async def run_level(port: int, concurrency: int, seconds: float, tokens: int,
-                    warmup_s: float = 0.0, extra: dict[str, Any] | None = None) -> Level:
-    """C clients issue requests back to back for `seconds`; tokens that arrive within the
-    window count, so the rate is a steady state, not a ramp-down with fewer clients left.
-
-    With `warmup_s`, the clients start one by one over that time first (client i after
-    i * warmup_s / C) and nothing from it counts: the window then measures the steady
-    state of C clients, not C first prompts arriving in the same instant. `extra`: fields
-    added to every request body (a response_format, say)."""
-    timings: list[RequestTiming] = []
-    errors = 0
-    started = time.perf_counter()
-    measure_from = started + warmup_s
-    deadline = measure_from + seconds
-
-    async def client_loop(index: int) -> None:
-        nonlocal errors
-        await asyncio.sleep(index * warmup_s / concurrency)
-        request = 0
-        while time.perf_counter() < deadline:
-            async with Connection("127.0.0.1", port) as conn:
-                while time.perf_counter() < deadline:
-                    topic = TOPICS[(index + request) % len(TOPICS)]
-                    try:
-                        timing = await stream_one(
-                            conn, f"Tell me a story about {topic} (#{index}.{request}).",
-                            request_tokens(tokens, index, request), index * 100 + request,
-                            deadline, measure_from, extra)
-                    except LOAD_ERRORS:
-                        errors += 1
-                        break  # the connection's state is unknown: open a new one
-                    request += 1
-                    if timing.tokens:
-                        timings.append(timing)
-                    if not timing.completed:
-                        return
-
-    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-    return Level(concurrency, seconds, timings, errors)
 
 
 def baseline_generate(adapter: TransformersChat, tokens: int, requests: int) -> float:
@@ -294,7 +152,7 @@ def render(report: SweepReport) -> str:
     emb = {k: statistics.median(v) for k, v in report.embed_per_s.items()}
     lines = [
         "# ember throughput sweep", "",
-        f"{m.date} · ember {m.ember_commit} · {m.cpu}, {m.cores} cores · torch {m.torch} · "
+        f"{m.stamp} · torch {m.torch} · "
         f"{m.threads} threads · {m.dtype} on {m.device} · {report.tokens} tokens per request on "
         f"average · {report.seconds_per_level:.0f} s per level", "",
         f"Baseline, plain `generate` one request after another: {baseline:.1f} tok/s "
@@ -353,50 +211,48 @@ def plot(report: SweepReport, out: Path) -> list[Path]:
 # -- main ----------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: Any) -> SweepReport:
+def measure(args: argparse.Namespace, progress: harness.Progress, scratch: Path
+            ) -> SweepReport:
     settings = load_settings(preload=[])
     registry = Registry.from_settings(settings)
     torch.set_num_threads(args.threads)
     progress.step("loading the baseline models in this process")
-    adapter = load_chat_baseline(settings, registry)
-    embedder = load_embedding_baseline(settings, registry)
+    adapter = harness.load_chat_baseline(settings, registry)
+    embedder = harness.load_embedding_baseline(settings, registry)
     report = SweepReport(
-        describe_machine(args.threads, adapter.context.dtype, adapter.context.device),
+        harness.describe_machine(args.threads, adapter.context.dtype, adapter.context.device),
         args.tokens, args.seconds)
     report.weight_bytes = adapter.memory_bytes()
-    report.bandwidth_bytes_s = memory_bandwidth()
+    report.bandwidth_bytes_s = harness.memory_bandwidth()
     baseline_requests = 2 if args.quick else 3
 
     def run_baseline(when: str) -> None:
-        progress.step(f"baseline generate ({when})")
-        report.baseline_tok_s.append(baseline_generate(adapter, args.tokens, baseline_requests))
-        print(f"        {report.baseline_tok_s[-1]:.1f} tok/s", file=sys.stderr, flush=True)
+        report.baseline_tok_s.append(progress.run(
+            f"baseline generate ({when})",
+            partial(baseline_generate, adapter, args.tokens, baseline_requests),
+            lambda tok_s: f"{tok_s:.1f} tok/s"))
 
-    def run_level_and_show(concurrency: int) -> Level:
-        progress.step(f"chat at {concurrency} concurrent clients")
-        level = asyncio.run(run_level(port, concurrency, args.seconds, args.tokens))
-        print(f"        {level.tok_s:.1f} tok/s, TTFT p50 "
-              f"{level.percentile('ttft_s', 0.5) * 1000:.0f} ms, errors {level.errors}",
-              file=sys.stderr, flush=True)
-        return level
+    def run_level(concurrency: int) -> Level:
+        return progress.run(
+            f"chat at {concurrency} concurrent clients",
+            partial(harness.run_level, port, concurrency, args.seconds, args.tokens),
+            lambda level: f"{level.tok_s:.1f} tok/s, TTFT p50 "
+                          f"{level.percentile('ttft_s', 0.5) * 1000:.0f} ms, errors {level.errors}")
 
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.threads, log_file)
-    try:
-        with httpx.Client(base_url=base_url) as client:
-            progress.step("starting ember serve")
-            wait_until_ready(client, server, log)
+    with harness.serve(progress, scratch / "server.log", args.threads,
+                       name="ember serve") as server:
+        server.ready()
+        port = server.port
         run_baseline("before")
         middle = len(args.concurrency) // 2
         for index, concurrency in enumerate(args.concurrency):
-            report.levels.append(run_level_and_show(concurrency))
+            report.levels.append(run_level(concurrency))
             if index == middle:
                 run_baseline("between levels")
-                report.single_repeats.append(run_level_and_show(1))
+                report.single_repeats.append(run_level(1))
         run_baseline("after")
-        report.single_repeats.append(run_level_and_show(1))
-        texts = make_sentences(128 if args.quick else 256, seed=1)
+        report.single_repeats.append(run_level(1))
+        texts = harness.make_sentences(128 if args.quick else 256, seed=1)
         timed_encode(embedder, texts[:32], 32)  # warm up
         for round_index in range(2 if args.quick else 3):
             progress.step(f"embeddings round {round_index + 1}")
@@ -407,21 +263,21 @@ def measure(args: argparse.Namespace, progress: Progress, log: Path, log_file: A
                  lambda: asyncio.run(concurrent_single_embeds(port, texts, 64))),
             ):
                 report.embed_per_s.setdefault(name, []).append(run())
-    finally:
-        stop_server(server)
     return report
 
 
+def step_count(args: argparse.Namespace) -> int:
+    return 7 + len(args.concurrency) + (2 if args.quick else 3)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer levels, shorter ones")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--tokens", type=int)
-    parser.add_argument("--seconds", type=float, help="length of each concurrency level")
-    args = parser.parse_args(argv)
+    flags = harness.Arguments("sweep", __doc__, quick="fewer levels, shorter ones",
+                              threads=None)
+    flags.add("--threads", type=int, default=torch.get_num_threads())
+    flags.add("--concurrency", type=lambda s: [int(x) for x in s.split(",")])
+    flags.add("--tokens", type=int)
+    flags.add("--seconds", type=float, help="length of each concurrency level")
+    args = flags.parse(argv)
     args.concurrency = args.concurrency or ([1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32])
     if 1 not in args.concurrency:
         args.concurrency = [1, *args.concurrency]
@@ -432,19 +288,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(total=7 + len(args.concurrency) + (2 if args.quick else 3))
-    with tempfile.TemporaryDirectory() as scratch:
-        log = Path(scratch) / "server.log"
-        with log.open("w") as log_file:
-            report = measure(args, progress, log, log_file)
-    table = render(report)
-    print(table)
-    (args.out / "sweep.md").write_text(table)
-    (args.out / "sweep.json").write_text(json.dumps(asdict(report), indent=2, default=str))
-    for path in plot(report, args.out):
+    return harness.run(args, "sweep", step_count, measure, render, asdict,
+                       then=lambda report: show_plots(report, args.out))
+
+
+def show_plots(report: SweepReport, out: Path) -> None:
+    for path in plot(report, out):
         print(f"plot: {path}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,15 +21,13 @@ from benchmarks.chat_backends import (
     goals,
     level_medians,
     level_order,
-    ratio,
     raw_numbers,
     render,
     report_name,
     round_ratios,
     same_output_line,
 )
-from benchmarks.overhead import ChatSample, Machine
-from benchmarks.sweep import Level, RequestTiming
+from benchmarks.harness import ChatSample, Level, Machine, RequestTiming, ratio
 
 
 def samples(*rates: float) -> list[ChatSample]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from benchmarks.harness import Machine
 from benchmarks.images import ImageRun, ImagesReport
 from benchmarks.images import raw_numbers as image_raw_numbers
 from benchmarks.images import render as render_images
@@ -14,7 +15,6 @@ from benchmarks.jobs import BareRun, JobRun, JobsReport, job_events, last_step_p
 from benchmarks.jobs import raw_numbers as job_raw_numbers
 from benchmarks.jobs import render as render_jobs
 from benchmarks.jobs import summary as job_summary
-from benchmarks.overhead import Machine
 
 MACHINE = Machine("cpu", 2, 2, "t", "tf", "3.11", "abc", "float32", "cpu", "today")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.overhead import Machine
+from benchmarks.harness import Machine
 from benchmarks.speech import (
     CLIP_TEXTS,
     SpeechReport,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.overhead import Machine
-from benchmarks.sweep import Level, RequestTiming, SweepReport, plot, render, targets
+from benchmarks.harness import Level, Machine, RequestTiming
+from benchmarks.sweep import SweepReport, plot, render, targets
 
 
 def level(concurrency: int, wall_s: float, ttft_s: float) -> Level:
