@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.errors import ConflictError, NotFoundError
-from engine.jobs.runner import JobStore
+from engine.jobs.store import JobStore
 
 
 def test_jobs_are_claimed_first_in_first_out_skipping_busy_models(tmp_path: Path) -> None:
