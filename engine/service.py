@@ -14,7 +14,7 @@ import torch
 from engine.core.access import AccessPolicy
 from engine.core.catalog import ModelCatalog
 from engine.core.errors import DeadlineExceededError, ModelUnavailableError
-from engine.core.manager import ModelManager
+from engine.core.manager import ModelManager, check_registry_options
 from engine.core.registry import Registry
 from engine.core.settings import Settings
 from engine.core.sources import is_installed
@@ -65,6 +65,7 @@ class Engine:
     async def start(self) -> None:
         """Start background work; preloading runs in the background so /health answers
         while models load, and /ready turns 200 when they are done."""
+        await asyncio.to_thread(check_registry_options, self.registry)
         await self.manager.start()
         self._preloading = asyncio.create_task(self._preload())
         await self.jobs.start()

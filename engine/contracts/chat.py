@@ -176,6 +176,10 @@ class GenerationRequest:
     echo: bool = False
     request_id: str = ""
     constraint: OutputConstraint | None = None
+    # Asked for, not built yet: the generation service refuses them, once for every dialect.
+    logprobs: bool = False
+    suffix: str | None = None  # completions: text to insert before
+    best_of: int | None = None  # completions: only best_of == n (no reranking of choices)
 
     def images(self) -> list[ImageInput]:
         return [image for m in self.messages or [] for image in m.images]

@@ -28,23 +28,8 @@ class TranscriptionRequest:
     vad_filter: bool = False
 
 
-class _ReadByKey:
-    """Transitional: a field read as `segment["start"]` / `segment.get("words", [])`, the way
-    engine/speech/service.py's `_segments` read the adapter's segment dicts before they were
-    these types. Remove once it takes the segments as they are."""
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return getattr(self, name)
-        except AttributeError:
-            raise KeyError(name) from None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
-
-
 @dataclass(frozen=True)
-class WordTiming(_ReadByKey):
+class WordTiming:
     word: str
     start: float
     end: float
@@ -52,7 +37,7 @@ class WordTiming(_ReadByKey):
 
 
 @dataclass(frozen=True)
-class TranscriptSegment(_ReadByKey):
+class TranscriptSegment:
     """One segment, as the wire sends it. Times are in seconds into the request's audio,
     rounded to the millisecond. A model numbers a window's segments from 0; the engine
     renumbers them across the request (`dataclasses.replace(segment, id=...)`)."""

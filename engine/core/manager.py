@@ -71,6 +71,21 @@ def adapter_class(entry: ModelEntry) -> Any:
         ) from exc
 
 
+def check_registry_options(registry: Registry) -> None:
+    """Every entry's `options:` against its adapter's options model, at start, so a bad entry
+    stops the server then rather than failing its first request. Blocking (imports adapter
+    modules): run it off the event loop. An adapter that cannot be imported (an optional
+    library missing) is left to its load, which says why."""
+    for entry in registry.entries():
+        try:
+            cls = adapter_class(entry)
+        except ModelLoadError:
+            continue
+        parsed_options = getattr(cls, "parsed_options", None)
+        if parsed_options is not None:
+            parsed_options(entry)
+
+
 def import_adapter(entry: ModelEntry, context: LoadContext) -> Backend:
     """The default factory: an instance of the entry's adapter class."""
     adapter: Backend = adapter_class(entry)(entry, context)

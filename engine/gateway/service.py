@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from engine.contracts.chat import GenerationEvent, GenerationRequest, GenerationResult
-from engine.core.errors import ModelNotFoundError
+from engine.core.errors import ModelNotFoundError, RequestCancelledError
 from engine.core.manager import ModelManager
 from engine.core.registry import Registry, Task
 from engine.core.settings import Settings
@@ -16,6 +17,7 @@ from engine.gateway.cache import CachePolicy, IdempotencyStore, ResponseCache
 from engine.gateway.routing import Router
 
 T = TypeVar("T")
+F = TypeVar("F")
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 Stream = Callable[[GenerationRequest], AsyncIterator[GenerationEvent]]
 
@@ -60,10 +62,51 @@ class GatewayService:
             return await work()
         return await self.idempotency.run(key, digest, work)
 
-    def claim(self, key: str, digest: str) -> tuple[asyncio.Future[Any], bool]:
-        """(future, owner) for a streamed reply: the owner settles the future with the reply
-        (or `fail`s it); the others await it."""
-        return self.idempotency.claim(key, digest)
+    async def stream_once(
+        self, key: str | None, digest: str,
+        open_stream: Callable[[], Awaitable[RecordedStream[F]]],
+        once: Callable[[], Awaitable[Any]],
+        replay: Callable[[Any], AsyncIterator[F]],
+    ) -> AsyncIterator[F]:
+        """A streamed reply under an idempotency key. The first request streams live, and
+        its outcome (once the stream has it) is what every retry with the key gets, replayed
+        as a stream; a retry while the first still runs waits for it. If the first fails or
+        its client leaves before the outcome, the key is forgotten and a retry runs anew
+        (`once`, the unstreamed reply). No key: just the live stream."""
+        if key is None:
+            return (await open_stream()).frames
+        future, owner = self.idempotency.claim(key, digest)
+        if not owner:
+            return replay(await self.idempotency.run(key, digest, once))
+        try:
+            stream = await open_stream()
+        except BaseException as error:
+            self.idempotency.fail(key, future, error)
+            raise
+        return self._settling(key, future, stream)
 
-    def fail(self, key: str, future: asyncio.Future[Any], error: BaseException) -> None:
-        self.idempotency.fail(key, future, error)
+    async def _settling(self, key: str, future: asyncio.Future[Any],
+                        stream: RecordedStream[F]) -> AsyncIterator[F]:
+        try:
+            async for frame in stream.frames:
+                if not future.done() and (outcome := stream.outcome()) is not None:
+                    future.set_result(outcome)
+                yield frame
+            if not future.done() and (outcome := stream.outcome()) is not None:
+                future.set_result(outcome)
+        except BaseException as error:
+            if not future.done():
+                self.idempotency.fail(key, future, error)
+            raise
+        finally:
+            if not future.done():  # the stream ended without an outcome
+                self.idempotency.fail(key, future, RequestCancelledError(
+                    "the first request with this idempotency_key did not finish"))
+
+
+@dataclass(frozen=True)
+class RecordedStream(Generic[F]):
+    """A live stream and what its outcome is so far (None until the stream has it)."""
+
+    frames: AsyncIterator[F]
+    outcome: Callable[[], Any]

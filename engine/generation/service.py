@@ -28,7 +28,7 @@ from engine.contracts.chat_templates import detect_format
 from engine.core import metrics
 from engine.core.access import current_caller
 from engine.core.compute import off_loop_if_large
-from engine.core.errors import InvalidRequestError
+from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
 from engine.core.limits import check_count
 from engine.core.manager import ModelManager
 from engine.core.registry import Registry
@@ -83,6 +83,16 @@ def request_chars(request: GenerationRequest) -> int:
     return len(request.prompt or "")
 
 
+def refuse_unsupported(request: GenerationRequest) -> None:
+    """The one place that refuses what a dialect can ask for but ember does not do yet."""
+    if request.suffix:
+        raise UnsupportedFeatureError("suffix (insertion) is not supported", param="suffix")
+    if request.logprobs:
+        raise UnsupportedFeatureError("logprobs are not supported yet", param="logprobs")
+    if request.best_of is not None and request.best_of != request.params.n:
+        raise UnsupportedFeatureError("best_of other than n is not supported", param="best_of")
+
+
 class GenerationService:
     def __init__(self, settings: Settings, registry: Registry, manager: ModelManager):
         self.settings = settings
@@ -95,6 +105,7 @@ class GenerationService:
 
     def _check_generation(self, request: GenerationRequest) -> None:
         """Checks that need no model, before any work (a huge `n` must never be worked on)."""
+        refuse_unsupported(request)
         if request.params.n > self.settings.max_n:
             raise InvalidRequestError(
                 f"n must be at most {self.settings.max_n}; got {request.params.n}", param="n"

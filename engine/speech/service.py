@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.contracts.speech import (
+    AudioWindow,
+    PreparedAudio,
     SpeechChunk,
     SpeechRequest,
     Synthesizer,
@@ -20,7 +22,7 @@ from engine.contracts.speech import (
     TranscriptionInfo,
     TranscriptionRequest,
     TranscriptSegment,
-    WordTiming,
+    WindowResult,
 )
 from engine.core import metrics
 from engine.core.audio_codec import MEDIA_TYPES, AudioEncoder
@@ -37,26 +39,16 @@ MAX_SPEECH_INPUT_CHARS = 4096  # OpenAI's limit on `input`
 SPEED_RANGE = (0.25, 4.0)
 
 
-def _segments(result: object, first_id: int) -> list[TranscriptSegment]:
-    segments = []
-    for number, raw in enumerate(getattr(result, "segments", []), start=first_id):
-        words = [
-            WordTiming(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
-            for w in raw.get("words", [])
-        ]
-        segments.append(TranscriptSegment(
-            id=number, seek=raw["seek"], start=round(float(raw["start"]), 3),
-            end=round(float(raw["end"]), 3), text=raw["text"], tokens=list(raw["tokens"]),
-            temperature=raw["temperature"], avg_logprob=float(raw["avg_logprob"]),
-            compression_ratio=float(raw["compression_ratio"]),
-            no_speech_prob=float(raw["no_speech_prob"]), words=words,
-        ))
-    return segments
+def _segments(result: WindowResult, first_id: int) -> list[TranscriptSegment]:
+    """A window's segments, numbered on from `first_id` across the request."""
+    return [replace(segment, id=number)
+            for number, segment in enumerate(result.segments, start=first_id)]
 
 
 async def _decoded(
-    runner: Any, adapter: Any, prepared: Any, window: Any, result: Any
-) -> AsyncIterator[Any]:
+    runner: Batcher[AudioWindow, WindowResult], adapter: Transcriber, prepared: PreparedAudio,
+    window: AudioWindow, result: WindowResult,
+) -> AsyncIterator[WindowResult]:
     """A window's result, then what Whisper left undecoded in it: when the model stops before
     the window's end, the rest is decoded again from its last timestamp, as sequential
     Whisper does, until the window is covered (each pass must move on by a second)."""

@@ -14,6 +14,7 @@ from engine.contracts.images import ImageRequest
 from engine.contracts.speech import SpeechRequest, TranscriptionRequest
 from engine.core.errors import InvalidRequestError, NotFoundError
 from engine.gateway.cache import CachePolicy
+from engine.gateway.service import RecordedStream
 from engine.generation.tool_calls import join_deltas
 from engine.jobs import chat as chat_jobs
 from engine.media.fetch import AUDIO
@@ -89,52 +90,39 @@ async def _chat_stream(routed: translate.Routed, policy: CachePolicy, timeout_s:
     """SSE chunks `{delta: {content}, finish_reason, index}`; the last one also carries usage
     and metadata. With an idempotency key, a retry while the first runs (or after) gets the
     first reply, replayed."""
-    future = None
-    if key is not None:
-        future, owner = engine.gateway.claim(key, digest)
-        if not owner:
-            value = await engine.gateway.once(key, digest, once)
-            return sse_response(_replayed(value), infrai_envelope)
-    try:
+
+    async def open_stream() -> RecordedStream[dict[str, Any]]:
         hit, events = engine.gateway.chat_stream(routed.request, policy)
         events = await prime(within(events, timeout_s))
         meta = translate.metadata(routed.request.request_id, _served_by(engine, routed), hit,
                                   routed.routed_by)
-    except BaseException as error:
-        if key is not None and future is not None:
-            engine.gateway.fail(key, future, error)
-        raise
+        reply: dict[str, Any] = {}
 
-    async def frames() -> AsyncIterator[dict[str, Any]]:
-        text, finish = "", None
-        calls: list[ToolCallDelta] = []
-        try:
+        async def frames() -> AsyncIterator[dict[str, Any]]:
+            text, finish = "", None
+            calls: list[ToolCallDelta] = []
             async for event in events:
                 if isinstance(event, TextDelta):
                     text += event.text
                     yield {"delta": {"content": event.text}, "finish_reason": None, "index": 0}
                 elif isinstance(event, ToolCallDelta):
                     calls.append(event)
-                    yield {"delta": tool_call_delta(event), "finish_reason": None,
-                           "index": 0}
+                    yield {"delta": tool_call_delta(event), "finish_reason": None, "index": 0}
                 elif isinstance(event, ChoiceFinished):
                     finish = event.finish_reason
                 elif isinstance(event, Usage):  # last: the closing chunk carries the metadata
                     usage = translate.usage_json(event.prompt_tokens, event.completion_tokens)
+                    reply.update(content=text, finish_reason=finish, usage=usage)
+                    if calls:
+                        reply["tool_calls"] = tool_calls_json(join_deltas(calls))
+                    reply.update(translate.with_metadata({}, meta))
                     yield translate.with_metadata(
                         {"delta": {}, "finish_reason": finish, "index": 0, "usage": usage}, meta)
-                    if future is not None and not future.done():
-                        reply: dict[str, Any] = {"content": text, "finish_reason": finish,
-                                                 "usage": usage}
-                        if calls:
-                            reply["tool_calls"] = tool_calls_json(join_deltas(calls))
-                        future.set_result(translate.with_metadata(reply, meta))
-        except BaseException as error:
-            if key is not None and future is not None:
-                engine.gateway.fail(key, future, error)
-            raise
 
-    return sse_response(frames(), infrai_envelope)
+        return RecordedStream(frames(), lambda: reply or None)
+
+    frames = await engine.gateway.stream_once(key, digest, open_stream, once, _replayed)
+    return sse_response(frames, infrai_envelope)
 
 
 async def _replayed(result: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -20,7 +20,7 @@ from engine.contracts.chat import (
     Usage,
 )
 from engine.contracts.embeddings import EmbeddingRequest, EmbeddingResult
-from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
+from engine.core.errors import InvalidRequestError
 from server.openai.schemas import (
     ChatCompletionRequest,
     ChatMessageIn,
@@ -110,24 +110,16 @@ def _constraint(body: ChatCompletionRequest) -> OutputConstraint | None:
 
 
 def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
-    if body.logprobs:
-        raise UnsupportedFeatureError("logprobs are not supported yet", param="logprobs")
     messages = [_message(m, i) for i, m in enumerate(body.messages)]
     max_tokens = body.max_completion_tokens or body.max_tokens
     return GenerationRequest(
         model=body.model, params=_sampling(body, max_tokens), messages=messages,
-        request_id=new_id("chatcmpl"), constraint=_constraint(body),
+        request_id=new_id("chatcmpl"), constraint=_constraint(body), logprobs=bool(body.logprobs),
     )
 
 
 def completion_requests(body: CompletionRequest) -> list[GenerationRequest]:
     """One engine request per prompt (OpenAI accepts a list of prompts)."""
-    if body.suffix:
-        raise UnsupportedFeatureError("suffix (insertion) is not supported", param="suffix")
-    if body.logprobs:
-        raise UnsupportedFeatureError("logprobs are not supported yet", param="logprobs")
-    if body.best_of is not None and body.best_of != body.n:
-        raise UnsupportedFeatureError("best_of other than n is not supported", param="best_of")
     prompt = body.prompt
     prompts: list[str | list[int]]
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -140,7 +132,8 @@ def completion_requests(body: CompletionRequest) -> list[GenerationRequest]:
     return [
         GenerationRequest(
             model=body.model, params=_sampling(body, body.max_tokens), prompt=p,
-            echo=body.echo, request_id=request_id,
+            echo=body.echo, request_id=request_id, logprobs=bool(body.logprobs),
+            suffix=body.suffix, best_of=body.best_of,
         )
         for p in prompts
     ]

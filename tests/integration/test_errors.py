@@ -174,6 +174,23 @@ async def test_unsupported_features_are_refused_not_ignored(
 
 @pytest.mark.parametrize(
     ("body", "param"),
+    [({"suffix": "!"}, "suffix"), ({"logprobs": 2}, "logprobs"), ({"best_of": 3}, "best_of")],
+)
+async def test_unsupported_completion_features_are_refused_before_the_model(
+    served: Served, body: dict[str, Any], param: str
+) -> None:
+    """The generation service refuses them (one place for every dialect), before the model
+    is looked up: an unknown model still gets the field's 400."""
+    for model in ("tiny-chat", "no-such-model"):
+        response = await served.http.post(
+            "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2, **body}
+        )
+        assert response.status_code == 400, response.text
+        assert error_of(response)["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
     [
         ({"input": []}, "input"),
         ({"input": ""}, "input"),

@@ -194,3 +194,24 @@ if TYPE_CHECKING:  # mypy checks each packaged adapter class against its task's 
     _synthesizer: type[Synthesizer] = PiperVoice
     _images: type[ImageGenerator] = DiffusionImages
     _media: list[type[MediaGenerator]] = [TextToVideo, MusicGen]
+
+
+async def test_a_bad_registry_entry_stops_the_engine_at_start(tmp_path: Path) -> None:
+    """Options are checked when the engine starts, not at the entry's first request; an
+    entry whose adapter cannot be imported is left to its load."""
+    from engine.core.manager import check_registry_options
+    from engine.core.settings import Settings
+    from engine.service import Engine
+
+    good = ModelEntry(id="fine", task="stt", adapter="models.whisper:WhisperSpeechToText",
+                      source="nowhere", options={"beam_size": 2})
+    missing = ModelEntry(id="elsewhere", task="stt", adapter="no_such_module:Adapter",
+                         source="nowhere", options={"anything": 1})
+    check_registry_options(Registry([good, missing]))  # nothing to refuse
+    bad = good.model_copy(update={"id": "typo", "options": {"beam_sise": 2}})
+    engine = Engine(Settings(models_dir=tmp_path, data_dir=tmp_path, preload=[]),
+                    manager=None)
+    engine.registry = Registry([good, bad])
+    with pytest.raises(ModelLoadError, match=r"'typo'.*beam_sise"):
+        await engine.start()
+    await engine.stop()
