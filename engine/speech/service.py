@@ -63,6 +63,15 @@ async def _decoded(
         resume_at = result.resume_at if moved_on else None
 
 
+def language_name(code: str) -> str:
+    """Whisper's English name of a language code ("en" -> "english"), as OpenAI's verbose
+    transcripts give it; an unknown code as it is."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES  # a dict, no model
+
+    name: str = LANGUAGES.get(code, code)
+    return name
+
+
 def check_speech(request: SpeechRequest) -> None:
     if not request.text.strip():
         raise InvalidRequestError("input must not be empty", param="input")

@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import Field
-from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from engine.contracts.speech import (
     SpeechRequest,
@@ -16,7 +15,7 @@ from engine.contracts.speech import (
     TranscriptSegment,
 )
 from engine.core.errors import InvalidRequestError
-from engine.speech.service import SPEED_RANGE
+from engine.speech.service import SPEED_RANGE, language_name
 from server.forms import read_form, validate_form
 from server.openai.schemas import WireModel
 from server.openapi import NonEmpty, Published
@@ -96,7 +95,7 @@ def transcript_json(result: Transcription, body: TranscriptionForm) -> dict[str,
     granularities = body.timestamp_granularities or ["segment"]
     verbose: dict[str, Any] = {
         "task": result.task,
-        "language": LANGUAGES.get(result.language, result.language),
+        "language": language_name(result.language),
         "duration": round(result.duration, 3),
         "text": result.text,
     }
