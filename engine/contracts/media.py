@@ -7,12 +7,14 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import Field, field_validator
 
 from engine.contracts.base import AdapterOptions, Backend
-from engine.core.registry import ModelEntry
+
+if TYPE_CHECKING:  # a type only: contracts sit below the core and import none of it
+    from engine.core.registry import ModelEntry
 
 DEFAULT_MAX_PROMPT_CHARS = 4000
 # A video model's frame counts: "8k+1" (LTX-Video), "4k+1" (Wan, CogVideoX), "any".
