@@ -1,4 +1,4 @@
-"""Chat and text completion on llama.cpp: the `ChatBackend` (engine/chat_backend.py) over a
+"""Chat and text completion on llama.cpp: the `ChatBackend` (engine/contracts/chat.py) over a
 GGUF file's own quantized weights, through llama-cpp-python's low-level ctypes API.
 
 One llama context holds every running sequence, each in its own KV stream (a slot of

@@ -4,9 +4,9 @@ Registry options shared by both adapters (`ModerationOptions`, engine/contracts/
 - `label_map`: classifier label → an OpenAI category, or a list of them (a category several
   labels map onto takes the highest score). Unmapped labels are ignored.
 - `thresholds`: category → score at or above which it is flagged (0.5 where not given).
-Categories no label maps onto score 0.0 and are never flagged (engine/ranking.py).
+Categories no label maps onto score 0.0 and are never flagged (engine/ranking/service.py).
 
-The contract engine/ranking.py drives: `prepare(texts)` on the request path (tokenize, check
+The contract engine/ranking/service.py drives: `prepare(texts)` on the request path (tokenize, check
 limits) → batch items; `size_of(item)`; `batch(items)` on the compute thread → one
 {category: score} per item; `thresholds`.
 """

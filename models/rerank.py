@@ -1,6 +1,6 @@
 """Rerankers: how relevant each document is to a query.
 
-Both adapters implement one small contract, which engine/ranking.py drives:
+Both adapters implement one small contract, which engine/ranking/service.py drives:
 `prepare(query, documents)` (on the request path: tokenize, check limits) → batch items;
 `size_of(item)`; `batch(items)` (on the compute thread); `relevance(outputs)` → one score per
 document, in order.

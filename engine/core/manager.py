@@ -4,7 +4,7 @@ stay inside a memory budget.
 
 Concurrency: all bookkeeping (states, lease counts, futures) happens on the event loop thread,
 so it needs no locks. Loads and unloads run one at a time, each on a short-lived thread (a
-thread that ran torch keeps an OpenMP pool; see engine/compute.py); inference runs on the one
+thread that ran torch keeps an OpenMP pool; see engine/core/compute.py); inference runs on the one
 compute thread. A lease is
 taken *before* awaiting a load so that eviction, which skips leased slots, can never unload
 a model between its load finishing and its caller using it.

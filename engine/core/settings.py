@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         default_factory=list, description="browser origins allowed to call the API "
                                           "(comma-separated, `*` for any); none by default")
 
-    # Image inputs of vision chat (engine/fetch.py).
+    # Image inputs of vision chat (engine/media/fetch.py).
     fetch_allow_private: bool = Field(
         False, description="let image URLs reach private, loopback and link-local addresses"
     )

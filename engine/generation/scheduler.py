@@ -196,7 +196,7 @@ class ChatScheduler:
     ) -> Future[Usage]:
         """Queue a request. Raises a 400-class error if it cannot fit the model (nothing is
         truncated silently) and OverloadedError (429) when the queue is full. `grammar`: a
-        compiled matcher (engine/structured.py) the output must follow."""
+        compiled matcher (engine/generation/structured.py) the output must follow."""
         sampling = self.settle(params)
         max_tokens, reserved = self._fit(prompt, sampling, explicit=params.max_tokens, param=param)
         deadline = time.monotonic() + self.timeout_s if self.timeout_s else float("inf")

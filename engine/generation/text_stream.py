@@ -1,5 +1,5 @@
 """Text of a sequence as it grows: incremental detokenizing and stop strings. Pure, so
-unit-tested directly; the generation core (engine/scheduler.py) drives them."""
+unit-tested directly; the generation core (engine/generation/scheduler.py) drives them."""
 
 from __future__ import annotations
 
