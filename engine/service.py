@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """The capabilities: `generation` (chat, completions), `embeddings`, `speech`, `images`,
-    `ranking` (rerank, moderation), `jobs` (video, music, batch chat), `files` (generated
-    files), `models` (the catalog), `gateway` (routing, response cache, idempotency)."""
+    """Each capability is a service built from the settings and the model manager (and the
+    file store where it keeps files): `generation` (chat, completions), `embeddings`,
+    `speech`, `images`, `ranking` (rerank, moderation), `jobs` (video, music, batch chat),
+    `files` (generated files), `models` (the catalog), `gateway` (routing, response cache,
+    idempotency)."""
 
     def __init__(self, settings: Settings, manager: ModelManager | None = None):
         self.settings = settings
@@ -49,13 +51,13 @@ class Engine:
         self.access = AccessPolicy(settings.accepted_keys(), settings.api_keys_file)
         self.files = ArtifactStore(settings.data_dir / "files", settings.artifact_ttl_s)
         self.models = ModelCatalog(self.manager)
-        self.generation = GenerationService(settings, self.registry, self.manager)
+        self.generation = GenerationService(settings, self.manager)
         self.embeddings = EmbeddingService(settings, self.manager)
         self.speech = SpeechService(settings, self.manager, self.files)
-        self.images = ImageService(self.manager, self.files)
+        self.images = ImageService(settings, self.manager, self.files)
         self.ranking = RankingService(settings, self.manager)
-        self.gateway = GatewayService(settings, self.registry, self.manager,
-                                      self.generation.generate, self.generation.stream)
+        self.gateway = GatewayService(settings, self.manager, self.generation.generate,
+                                      self.generation.stream)
         self.jobs = JobRunner(settings, self.manager, self.files)
         self.jobs.inline["chat"] = InlineKind(  # chat as a job kind (the /v1/ai/* batch mode)
             validate=chat_jobs.validate,

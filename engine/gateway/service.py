@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 from engine.contracts.chat import GenerationEvent, GenerationRequest, GenerationResult
 from engine.core.errors import ModelNotFoundError, RequestCancelledError
 from engine.core.manager import ModelManager
-from engine.core.registry import Registry, Task
+from engine.core.registry import Task
 from engine.core.settings import Settings
 from engine.gateway.cache import CachePolicy, IdempotencyStore, ResponseCache
 from engine.gateway.routing import Router
@@ -23,9 +23,9 @@ Stream = Callable[[GenerationRequest], AsyncIterator[GenerationEvent]]
 
 
 class GatewayService:
-    def __init__(self, settings: Settings, registry: Registry, manager: ModelManager,
-                 generate: Generate, stream: Stream):
-        self.registry = registry
+    def __init__(self, settings: Settings, manager: ModelManager, generate: Generate,
+                 stream: Stream):
+        self.registry = registry = manager.registry
         self.router = Router.from_settings(settings, registry, manager)
         self.cache = ResponseCache(registry, settings.response_cache_ttl_s,
                                    settings.response_cache_entries)

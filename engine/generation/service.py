@@ -31,7 +31,6 @@ from engine.core.compute import off_loop_if_large
 from engine.core.errors import InvalidRequestError, UnsupportedFeatureError
 from engine.core.limits import check_count
 from engine.core.manager import ModelManager
-from engine.core.registry import Registry
 from engine.core.settings import Settings
 from engine.generation import vision
 from engine.generation.scheduler import ChatScheduler
@@ -94,10 +93,10 @@ def refuse_unsupported(request: GenerationRequest) -> None:
 
 
 class GenerationService:
-    def __init__(self, settings: Settings, registry: Registry, manager: ModelManager):
+    def __init__(self, settings: Settings, manager: ModelManager):
         self.settings = settings
-        self.registry = registry
         self.manager = manager
+        self.registry = manager.registry
 
     def served_by(self, request: GenerationRequest) -> str:
         """The id of the model that answers `request` (a vision model for images)."""

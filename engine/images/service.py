@@ -25,6 +25,7 @@ from engine.core.batcher import Batcher
 from engine.core.errors import InvalidRequestError
 from engine.core.image_codec import IMAGE_FORMATS, encode_image, opened_image
 from engine.core.manager import ModelManager
+from engine.core.settings import Settings
 from engine.media.artifacts import ArtifactStore
 
 
@@ -89,7 +90,8 @@ def check_image_request(request: ImageRequest) -> None:
 
 
 class ImageService:
-    def __init__(self, manager: ModelManager, files: ArtifactStore):
+    def __init__(self, settings: Settings, manager: ModelManager, files: ArtifactStore):
+        self.settings = settings
         self.manager = manager
         self.files = files
 
