@@ -33,6 +33,7 @@ bench: $(VENV)/.installed-dev
 	$(VENV)/bin/ember bench jobs
 	$(VENV)/bin/ember bench chat_backends
 	$(VENV)/bin/ember bench structured
+	$(VENV)/bin/ember bench embeddings
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

@@ -113,7 +113,8 @@ def new_key(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("overhead", "sweep", "speech", "images", "jobs", "chat_backends", "structured")
+BENCHMARKS = ("overhead", "sweep", "speech", "images", "jobs", "chat_backends", "structured",
+              "embeddings")
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ document, in order.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, ClassVar, NoReturn
 
 import numpy as np
@@ -22,10 +23,13 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from engine.contracts.base import AdapterOptions
+from engine.contracts.embeddings import EncoderOptions
 from engine.contracts.ranking import RerankOptions
 from engine.core.errors import ContextLengthExceededError, ModelLoadError
+from engine.core.sources import resolve_source, source_fingerprint
 from models.base import ModelAdapter
 from models.embeddings import SentenceTransformerEmbeddings, sentence_transformers_model
+from models.encoders import PROBE_TEXTS, Encoder, choose_encoder
 from models.sequence import Encoded, EncoderInputs, token_limit
 
 
@@ -62,6 +66,27 @@ class CrossEncoderRerank(ModelAdapter):
         tokenizer = self.model.tokenizer
         self._inputs = EncoderInputs(tokenizer)
         self.max_tokens = token_limit(tokenizer, head.config, self.entry.limits.context_length)
+        self._activation = self.model.activation_fn
+        self._choose_backend(head)
+
+    def _choose_backend(self, head: torch.nn.Module) -> None:
+        """Where the classifier runs (models/encoders.py), checked on the probe texts as
+        neighbouring pairs: the cosine of all pairs' logits against fp32 torch."""
+        options = self.options
+        assert isinstance(options, EncoderOptions)
+        probe = [self._inputs.encode(query, document)
+                 for query, document in itertools.pairwise(PROBE_TEXTS)]
+        probe = [item for item in probe if len(item) <= self.max_tokens]
+        folder = (self.context.models_dir / "onnx"
+                  / f"{self.entry.id}-{source_fingerprint(resolve_source(self.entry))}")
+        choice = choose_encoder(
+            entry_id=self.entry.id, requested=options.backend, min_cosine=options.min_cosine,
+            device=self.context.device, threads=torch.get_num_threads(), cache=folder,
+            module=lambda: head, embed=lambda encoder: self._logits(probe, encoder),
+            pairs=True,
+        )
+        self.backend_name, self.backend_note = choice.backend, choice.note
+        self._runtime = choice.encoder
 
     def warmup(self) -> None:
         self.batch(self.prepare("warm up", ["warm up"]))
@@ -84,11 +109,25 @@ class CrossEncoderRerank(ModelAdapter):
         return len(item)
 
     @torch.inference_mode()
+    def _logits(self, pairs: list[Encoded], runtime: Encoder | None) -> np.ndarray:
+        if runtime is None:
+            features = self._inputs.collate(pairs, self.model.device)
+            logits: np.ndarray = self.model(features)["scores"].float().cpu().numpy()
+            return logits.reshape(len(pairs), -1)
+        features = self._inputs.collate(pairs, "cpu")
+        arrays = {name: tensor.numpy() for name, tensor in features.items()}
+        return runtime(arrays["input_ids"], arrays["attention_mask"],
+                       arrays.get("token_type_ids")).reshape(len(pairs), -1)
+
+    @torch.inference_mode()
     def batch(self, pairs: list[Encoded]) -> list[float]:
-        features = self._inputs.collate(pairs, self.model.device)
-        logits = self.model(features)["scores"].float()
-        scores = self.model.activation_fn(logits) if self.model.activation_fn else logits
-        return [float(score) for score in scores.reshape(len(pairs)).cpu()]
+        logits = torch.from_numpy(self._logits(pairs, self._runtime))
+        scores = self._activation(logits) if self._activation else logits
+        return [float(score) for score in scores.reshape(len(pairs))]
+
+    def unload(self) -> None:
+        self._runtime = None
+        super().unload()
 
     @staticmethod
     def relevance(outputs: list[float]) -> list[float]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import Field
 
 from engine.contracts.base import AdapterOptions, BatchBackend
 
@@ -54,5 +55,19 @@ class Embedder(BatchBackend, Protocol):
     def size_of(self, item: list[int]) -> int: ...
 
 
-class EmbeddingOptions(AdapterOptions):
-    """sentence-transformers embedding models (models.embeddings) take no options."""
+EncoderBackend = Literal["auto", "torch", "bf16", "onnx", "onnx-int8"]
+
+
+class EncoderOptions(AdapterOptions):
+    """Where an encoder (an embedding model, a bi-encoder reranker) runs: fp32 `torch`,
+    `bf16` torch (GPUs; CPUs with AVX512-BF16 or AMX), ONNX Runtime as `onnx` (fp32) or
+    `onnx-int8`, or `auto`: the fastest of those that this hardware runs natively and whose
+    vectors keep a cosine of at least `min_cosine` with fp32 torch on a fixed probe set. A
+    variant that fails falls back (logged) to fp32 torch."""
+
+    backend: EncoderBackend = "torch"
+    min_cosine: float = Field(0.99, ge=0.0, le=1.0)
+
+
+class EmbeddingOptions(EncoderOptions):
+    """sentence-transformers embedding models (models.embeddings)."""

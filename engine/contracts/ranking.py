@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import Field
 
 from engine.contracts.base import AdapterOptions, BatchBackend
+from engine.contracts.embeddings import EncoderOptions
 
 # OpenAI's moderation categories. Every result carries all of them; a category the model does
 # not cover scores 0.0 and is never flagged.
@@ -97,8 +98,9 @@ class Moderator(BatchBackend, Protocol):
 # -- the adapters' registry options -----------------------------------------------------------
 
 
-class RerankOptions(AdapterOptions):
-    """Rerankers (models.rerank) take no options."""
+class RerankOptions(EncoderOptions):
+    """Rerankers (models.rerank). A bi-encoder runs where `backend` says; a cross-encoder
+    runs on torch."""
 
 
 class ModerationOptions(AdapterOptions):

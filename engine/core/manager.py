@@ -130,7 +130,7 @@ class ModelSlot:
     memory_bytes: int = 0
     device: str | None = None
     dtype: str | None = None
-    backend: str | None = None  # chat models: llama.cpp or transformers, once loaded
+    backend: str | None = None  # chat: llama.cpp or transformers; encoders: torch, onnx, ...
     backend_note: str | None = None
     loading: asyncio.Task[None] | None = None
 
@@ -285,11 +285,13 @@ class ModelManager:
                 adapter, choice = await run_in_fresh_thread(self._load_blocking, entry, context)
             slot.load_seconds = time.perf_counter() - started
             slot.adapter, slot.memory_bytes = adapter, adapter.memory_bytes()
-            slot.backend, slot.backend_note = choice.backend, choice.note
+            # Chat: llama.cpp or transformers, chosen here; encoders say where they run.
+            slot.backend = choice.backend or getattr(adapter, "backend_name", None)
+            slot.backend_note = choice.note or getattr(adapter, "backend_note", None)
             slot.device = device
             # llama.cpp runs the GGUF file's own quantized weights.
-            slot.dtype = "gguf" if choice.backend == "llama.cpp" else str(dtype).removeprefix(
-                "torch.")
+            slot.dtype = "gguf" if choice.backend == "llama.cpp" else (
+                getattr(adapter, "served_dtype", None) or str(dtype).removeprefix("torch."))
             slot.loaded_runner = self._make_runner(entry, adapter, self.settings, self.compute)
             slot.state = ModelState.READY
             metrics.MODEL_LOADED.labels(entry.id).set(1)

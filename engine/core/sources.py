@@ -258,3 +258,12 @@ def file_fingerprint(path: Path) -> str:
     stat = path.stat()
     identity = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def source_fingerprint(source: str) -> str:
+    """Cheap identity of a checkpoint (its weights files, or the file itself) for cache keys:
+    derived files (an ONNX export) are made again when the weights change."""
+    path = Path(source)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    identity = ",".join(file_fingerprint(f) for f in files if f.is_file()) or str(path)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
