@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -106,11 +107,14 @@ def min_cosine(vectors: np.ndarray, reference: np.ndarray) -> float:
 
 def start_infinity(python: str, source: str, port: int, threads: int,
                    log: Path) -> subprocess.Popen[bytes]:
-    command = [python, "-m", "infinity_emb.cli", "v2", "--model-id", source, "--port",
-               str(port), "--engine", "torch", "--device", "cpu", "--batch-size", str(BATCH),
-               "--no-bettertransformer"]
-    environment = {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-                   "INFINITY_ANONYMOUS_USAGE_STATS": "0", "PATH": "/usr/bin:/bin"}
+    """`infinity_emb v2` from its own venv (the script beside `python`), torch engine on the
+    CPU, serving the checkpoint folder under ember's model name."""
+    command = [str(Path(python).with_name("infinity_emb")), "v2", "--model-id", source,
+               "--served-model-name", EMBEDDING_MODEL, "--port", str(port), "--engine",
+               "torch", "--device", "cpu", "--batch-size", str(BATCH),
+               "--no-bettertransformer", "--log-level", "warning"]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+                   "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     with log.open("wb") as out:
         return subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
 
@@ -218,8 +222,8 @@ def measure(args: argparse.Namespace, progress: harness.Progress, scratch: Path)
             infinity = start_infinity(args.infinity_python, resolve_source(default), port,
                                       args.threads, scratch / "infinity.log")
             wait_for_infinity(port, infinity, scratch / "infinity.log")
-            variants["infinity"] = lambda: concurrent(
-                port, "/embeddings", resolve_source(default), texts, CONCURRENCY)
+            variants["infinity"] = lambda: concurrent(port, "/embeddings", EMBEDDING_MODEL,
+                                                      texts, CONCURRENCY)
         try:
             results = harness.interleave(progress, rounds, "embeddings",
                                          lambda r: f"{r[0]:.1f} texts/s", variants)
