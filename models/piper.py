@@ -1,7 +1,7 @@
 """Text to speech with Piper voices (VITS exported to ONNX), run with onnxruntime.
 
-The `piper-tts` runtime is GPL, so ember does not use it: phonemes come from the `espeak-ng`
-program (a separate process, as Piper's own phonemizer uses espeak-ng's IPA output), mapped to
+The `piper-tts` runtime is GPL, so ember does not use it: phonemes come from espeak-ng in a
+separate process (models/phonemes.py; Piper's own phonemizer uses espeak-ng's IPA too), mapped to
 ids with the voice's `phoneme_id_map`, and the ONNX graph runs here. Text is synthesized a
 sentence at a time, so the first audio streams out while later sentences are still queued.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from engine.contracts.speech import PiperOptions, SpeechRequest
 from engine.core.errors import InvalidRequestError, ModelLoadError
 from engine.core.sources import resolve_source
 from models.base import ModelAdapter
+from models.phonemes import Phonemizer, choose_phonemizer
 
 # Silence after each sentence, as Piper's default `sentence_silence`.
 SENTENCE_SILENCE_S = 0.2
@@ -60,21 +59,13 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def espeak_phonemes(sentence: str, voice: str) -> str:
-    """IPA phonemes of one sentence, clause punctuation kept (espeak drops it and puts each
-    clause on its own line; the marks are put back when the clause count matches)."""
-    result = subprocess.run(
-        ["espeak-ng", "-q", "-b", "1", "--ipa", "-v", voice, "--stdin"],
-        input=sentence.encode(), capture_output=True, timeout=30, check=False,
-    )
-    if result.returncode != 0:
-        raise InvalidRequestError(
-            f"espeak-ng could not phonemize the input: {result.stderr.decode()[:200]}",
-            param="input",
-        )
+def espeak_phonemes(sentence: str, voice: str, phonemizer: Phonemizer) -> str:
+    """IPA phonemes of one sentence, clause punctuation kept (espeak drops it and gives each
+    clause on its own; the marks are put back when the clause count matches)."""
+    raw = phonemizer.clauses(sentence, voice)
     clauses = [
         _LANGUAGE_SWITCH.sub("", line).strip()
-        for line in result.stdout.decode().splitlines()
+        for line in raw
     ]
     clauses = [c for c in clauses if c]
     if not clauses:  # nothing to pronounce ("...", "?", a dash): no marks to put back either
@@ -115,11 +106,11 @@ class PiperVoice(ModelAdapter):
     sample_rate: int
 
     def load(self) -> None:
-        if shutil.which("espeak-ng") is None:
-            raise ModelLoadError(
-                f"{self.entry.id!r} needs the espeak-ng program for phonemes: "
-                "apt-get install espeak-ng (or brew install espeak-ng)"
-            )
+        try:
+            self.phonemizer = choose_phonemizer(self.options.phonemizer)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{self.entry.id!r}: {error}") from None
+        self.backend_note = f"phonemes: {self.phonemizer.name}"
         folder = Path(resolve_source(self.entry))
         onnx_file = self.options.onnx_file
         candidates = [folder / onnx_file] if onnx_file else sorted(folder.glob("*.onnx"))
@@ -154,6 +145,10 @@ class PiperVoice(ModelAdapter):
     def memory_bytes(self) -> int:
         return self._weights_bytes
 
+    def unload(self) -> None:
+        self.phonemizer.close()
+        super().unload()
+
     def warmup(self) -> None:
         self.batch(self.prepare(SpeechRequest(self.entry.id, "Ready.", self.voice_names()[0])))
 
@@ -185,14 +180,14 @@ class PiperVoice(ModelAdapter):
 
     def prepare(self, request: SpeechRequest, sentences: list[str] | None = None) -> list[
             Utterance]:
-        """Sentences → phoneme ids (one espeak-ng process per sentence, ~15 ms each).
+        """Sentences → phoneme ids (one round trip to the phonemizer per sentence).
         Sentences with nothing to pronounce ("...", a lone "?") are dropped, so the result may
         be empty; the caller decides whether that is an error."""
         speaker = self._speaker(request.voice)
         length_scale = self.length_scale / request.speed
         utterances = []
         for sentence in self.sentences(request) if sentences is None else sentences:
-            phonemes = espeak_phonemes(sentence, self.espeak_voice)
+            phonemes = espeak_phonemes(sentence, self.espeak_voice, self.phonemizer)
             if speakable(phonemes, self.id_map):
                 utterances.append(Utterance(phoneme_ids(phonemes, self.id_map), length_scale,
                                             speaker))

@@ -203,6 +203,9 @@ class PiperOptions(AdapterOptions):
     voices: dict[str, PiperVoiceOptions] = Field(default_factory=dict)
     voice_aliases: dict[str, str] = Field(default_factory=dict)  # other names (OpenAI's)
     onnx_file: str | None = None  # when the folder holds several .onnx files
+    # Where phonemes come from (models/phonemes.py): the espeakng-loader wheel's library in a
+    # helper process, the espeak-ng program, or auto (the wheel when installed).
+    phonemizer: Literal["auto", "library", "program"] = "auto"
 
     @field_validator("voices", mode="before")
     @classmethod

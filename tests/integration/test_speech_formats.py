@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from engine.core.audio_codec import OUTPUT_RATE
+from models.phonemes import PhonemizerChoice, choose_phonemizer
 from tests.audio_files import seconds
 from tests.conftest import Served
 from tests.integration.test_jobs import submit, wait_for
@@ -194,10 +195,15 @@ def test_whole_clips_have_complete_headers_and_exact_lengths() -> None:
         assert libsndfile(data) == (2.0, 32_000), fmt
 
 
-def test_phonemes_of_punctuation_alone_are_empty_not_an_error() -> None:
+@pytest.mark.parametrize("choice", ["library", "program"])
+def test_phonemes_of_punctuation_alone_are_empty_not_an_error(choice: PhonemizerChoice) -> None:
     from models.piper import espeak_phonemes, speakable
 
-    for text in ("...", "?", ".", ",", "—"):
-        assert espeak_phonemes(text, "en-us") == "", text
+    phonemizer = choose_phonemizer(choice)
+    try:
+        for text in ("...", "?", ".", ",", "—"):
+            assert espeak_phonemes(text, "en-us", phonemizer) == "", text
+    finally:
+        phonemizer.close()
     id_map = {"^": [1], "$": [2], "_": [0], ".": [10], " ": [3], "h": [20]}
     assert not speakable(". .", id_map) and speakable("h.", id_map)
